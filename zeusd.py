@@ -22,6 +22,7 @@ import os
 import queue
 import re
 import resource
+import select
 import signal
 import socket
 import socketserver
@@ -1232,24 +1233,27 @@ class Api(object):
                       "dram_available": package.dram is not None} for package in node.cpus],
         }
 
-    def resolve(self, method, path, headers):
-        """(route, claims) after the group gate, authentication and the method check."""
+    def authenticate(self, path, headers):
+        """The token's claims (None without auth or on open paths), after the group gate."""
         message = self.disabled.get(path)
         if message is not None:
             raise HttpError(404, message)
+        if self.auth is None or path in OPEN_PATHS:
+            return None
+        return self.auth.authenticate(headers.get("authorization"))
+
+    def route(self, method, path, claims):
+        """The route for an authenticated request, after the scope and method checks."""
         route = self.routes.get(path)
-        claims = None
-        if self.auth is not None and path not in OPEN_PATHS:
-            claims = self.auth.authenticate(headers.get("authorization"))
-            if route is not None and route.group is not None:
-                self.auth.authorize(claims, route.group)
+        if claims is not None and route is not None and route.group is not None:
+            self.auth.authorize(claims, route.group)
         if route is None:
             raise HttpError(404, "Not found: no endpoint at %s." % shown(path))
         if method != route.method:
             raise HttpError(405, "Method %s is not allowed on %s; use %s."
                             % (method, path, route.method),
                             b"Allow: " + route.method.encode() + b"\r\n")
-        return route, claims
+        return route
 
     def run(self, route, query, claims):
         """The handler's (status, body), or a Stream."""
@@ -1365,6 +1369,10 @@ MAX_REQUEST_LINE = 8192
 MAX_HEADER_BYTES = 65536
 MAX_HEADER_LINES = 100
 MAX_BODY = 65536
+LINGER_S = 2.0
+MAX_LINGER_BYTES = 1 << 20
+REJECT_WAIT_S = 0.1
+ACCEPT_POLL_S = 0.1  # how soon the accept loop notices a shutdown
 METHOD = re.compile(rb"^[A-Z]{1,20}$")
 HEX = re.compile(rb"^[0-9A-Fa-f]{1,8}$")
 REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
@@ -1396,6 +1404,23 @@ def response_bytes(status, body, headers=b""):
 
 
 TOO_MANY_CONNECTIONS = response_bytes(503, error_body("Too many connections"), CLOSE)
+
+
+def linger(sock):
+    """Close gracefully after an error: stop sending, then discard what the client still sends
+    for a moment, so that it reads the error instead of a connection reset."""
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + LINGER_S
+        received = 0
+        while received < MAX_LINGER_BYTES and time.monotonic() < deadline:
+            sock.settimeout(max(0.0, deadline - time.monotonic()))
+            chunk = sock.recv(65536)
+            if not chunk:
+                return
+            received += len(chunk)
+    except OSError:
+        pass
 
 
 def parse_head(head):
@@ -1465,15 +1490,16 @@ class HttpConnection(socketserver.BaseRequestHandler):
             self.sock.sendall(response_bytes(err.status, error_body(err.message),
                                              err.headers + CLOSE))
             log.info("- - %d (%s)", err.status, err.message)
+            linger(self.sock)
             return False
         keep_alive = wants_keep_alive(version, headers)
         path, query = split_target(target)
         user = None
         try:
-            route, claims = self.api.resolve(method, path, headers)
+            claims = self.api.authenticate(path, headers)
             if claims is not None:
                 user = claims.sub
-            result = self.api.run(route, query, claims)
+            result = self.api.run(self.api.route(method, path, claims), query, claims)
         except HttpError as err:
             result = err.status, error_body(err.message), err.headers
         except DeviceError as err:
@@ -1649,12 +1675,17 @@ class ConnectionCap(socketserver.ThreadingMixIn):
                          daemon=True).start()
 
     def reject(self, request):
+        """Answer 503 without a thread: wait briefly for the request, answer, discard, close."""
         try:
+            select.select([request], [], [], REJECT_WAIT_S)
             request.setblocking(False)
-            request.send(TOO_MANY_CONNECTIONS)
-            request.shutdown(socket.SHUT_WR)
             while request.recv(65536):
                 pass
+        except OSError:
+            pass
+        try:
+            request.send(TOO_MANY_CONNECTIONS)
+            request.shutdown(socket.SHUT_WR)
         except OSError:
             pass
         log.warning("connection refused: %d connections open (--max-connections)",
@@ -1818,7 +1849,7 @@ def serve(args, groups):
         log.info("--num-workers %d has no effect: this daemon serves each connection on its "
                  "own thread", args.num_workers)
     node.start()
-    threading.Thread(target=server.serve_forever, args=(0.5,), name="accept",
+    threading.Thread(target=server.serve_forever, args=(ACCEPT_POLL_S,), name="accept",
                      daemon=True).start()
     log.info("zeusd %s listening on %s | API groups: %s | GPUs: %d | CPUs: %d (DRAM: %d) | "
              "auth: %s", __version__, server.describe(), ",".join(groups), len(node.gpu_ids),

@@ -1,0 +1,1701 @@
+"""Tests for zeusd: the real daemon as a subprocess, with simulated devices.
+
+The daemon runs under $ZEUSD_TEST_PYTHON (default: this interpreter) with a fake `pynvml`
+module (FAKE_PYNVML below, driven by a JSON state file and writing a call log) first on its
+PYTHONPATH, and a RAPL tree in a temporary directory passed with --rapl-dir. Pure parts (JWT,
+durations, wraparound, query parsing) are also tested in-process.
+"""
+
+import base64
+import collections
+import hashlib
+import hmac
+import json
+import os
+import select
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import warnings
+
+import pytest
+
+import zeusd
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ZEUSD = os.path.join(HERE, "zeusd.py")
+PYTHON = os.environ.get("ZEUSD_TEST_PYTHON") or sys.executable
+TIMEOUT = 10.0
+IS_ROOT = os.geteuid() == 0
+
+FAKE_PYNVML = r'''
+"""A fake pynvml: GPUs from the JSON file $FAKE_NVML_STATE, one line per call in $FAKE_NVML_LOG."""
+import json
+import os
+import time
+
+NVML_FI_DEV_POWER_INSTANT = 186
+MESSAGES = {1: "Uninitialized", 2: "Invalid Argument", 3: "Not Supported",
+            4: "Insufficient Permissions", 9: "Driver Not Loaded",
+            12: "NVML Shared Library Not Found", 15: "GPU is lost", 999: "Unknown Error"}
+
+
+class NVMLError(Exception):
+    def __init__(self, value):
+        Exception.__init__(self, value)
+        self.value = value
+
+    def __str__(self):
+        return MESSAGES.get(self.value, "Unknown Error")
+
+
+class Struct(object):
+    def __init__(self, **fields):
+        self.__dict__.update(fields)
+
+
+_cache = {}
+
+
+def _state():
+    path = os.environ["FAKE_NVML_STATE"]
+    st = os.stat(path)
+    stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+    if _cache.get("stamp") != stamp:
+        with open(path) as state_file:
+            _cache["state"] = json.load(state_file)
+        _cache["stamp"] = stamp
+    return _cache["state"]
+
+
+def _log(line):
+    fd = os.open(os.environ["FAKE_NVML_LOG"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    os.write(fd, ("%.6f %s\n" % (time.time(), line)).encode())
+    os.close(fd)
+
+
+def _call(name, gpu, *args):
+    """Log the call, apply its delay and injected failure; the GPU's state."""
+    state = _state()
+    _log(" ".join([name, str(gpu)] + [str(a) for a in args]))
+    delay = state.get("delay", {}).get(name)
+    if delay:
+        time.sleep(delay)
+        _log(" ".join([name + ".done", str(gpu)]))
+    failures = state.get("fail", {}).get(name, {})
+    code = failures.get(str(gpu), failures.get("*"))
+    if code:
+        raise NVMLError(code)
+    return state["gpus"][gpu]
+
+
+def nvmlInit():
+    state = _state()
+    _log("nvmlInit -")
+    if state.get("init_fail"):
+        raise NVMLError(state["init_fail"])
+
+
+def nvmlDeviceGetCount():
+    return len(_state()["gpus"])
+
+
+def nvmlDeviceGetHandleByIndex(index):
+    return index
+
+
+def nvmlDeviceGetName(handle):
+    return _call("nvmlDeviceGetName", handle)["name"]
+
+
+def nvmlDeviceGetPciInfo(handle):
+    return Struct(busId=_call("nvmlDeviceGetPciInfo", handle)["pci"].encode())
+
+
+def nvmlDeviceGetTotalEnergyConsumption(handle):
+    gpu = _call("nvmlDeviceGetTotalEnergyConsumption", handle)
+    if not gpu.get("energy", True):
+        raise NVMLError(3)
+    return gpu["energy_mj"]
+
+
+def nvmlDeviceGetFieldValues(handle, field_ids):
+    gpu = _call("nvmlDeviceGetFieldValues", handle, *field_ids)
+    code = gpu.get("instant_code", 0 if gpu.get("instant", True) else 3)
+    return [Struct(nvmlReturn=code, valueType=1, value=Struct(uiVal=gpu.get("instant_mw", 0)))
+            for _ in field_ids]
+
+
+def nvmlDeviceGetPowerUsage(handle):
+    return _call("nvmlDeviceGetPowerUsage", handle)["power_mw"]
+
+
+def nvmlDeviceGetPowerManagementLimit(handle):
+    return _call("nvmlDeviceGetPowerManagementLimit", handle)["limit_mw"]
+
+
+def nvmlDeviceGetPowerManagementLimitConstraints(handle):
+    gpu = _call("nvmlDeviceGetPowerManagementLimitConstraints", handle)
+    return [gpu["min_limit_mw"], gpu["max_limit_mw"]]
+
+
+def nvmlDeviceGetPersistenceMode(handle):
+    return _call("nvmlDeviceGetPersistenceMode", handle)["persistence"]
+
+
+def _setter(name, handle, *args):
+    _call(name, handle, *args)
+
+
+def nvmlDeviceSetPowerManagementLimit(handle, limit):
+    gpu = _call("nvmlDeviceSetPowerManagementLimit", handle, limit)
+    if not gpu["min_limit_mw"] <= limit <= gpu["max_limit_mw"]:
+        raise NVMLError(2)
+
+
+def nvmlDeviceSetPersistenceMode(handle, mode):
+    _setter("nvmlDeviceSetPersistenceMode", handle, mode)
+
+
+def nvmlDeviceSetGpuLockedClocks(handle, low, high):
+    _setter("nvmlDeviceSetGpuLockedClocks", handle, low, high)
+    if low > high:
+        raise NVMLError(2)
+
+
+def nvmlDeviceResetGpuLockedClocks(handle):
+    _setter("nvmlDeviceResetGpuLockedClocks", handle)
+
+
+def nvmlDeviceSetMemoryLockedClocks(handle, low, high):
+    _setter("nvmlDeviceSetMemoryLockedClocks", handle, low, high)
+
+
+def nvmlDeviceResetMemoryLockedClocks(handle):
+    _setter("nvmlDeviceResetMemoryLockedClocks", handle)
+'''
+
+GPUS = [
+    {"name": "NVIDIA H100 80GB HBM3", "pci": "00000000:00:06.0", "power_mw": 75000,
+     "instant_mw": 76000, "energy_mj": 123456},
+    {"name": "NVIDIA A40", "pci": "00000000:41:00.0", "power_mw": 120000, "instant": False,
+     "energy": False},
+    {"name": "NVIDIA H100 80GB HBM3", "pci": "00000000:C1:00.0", "power_mw": 98000,
+     "instant_mw": 99000, "energy_mj": 5000},
+]
+GPU_DEFAULTS = {"limit_mw": 300000, "min_limit_mw": 100000, "max_limit_mw": 700000,
+                "persistence": 1}
+MAX_RANGE_UJ = 262143328850
+# (directory, name, start µJ, DRAM start µJ or None)
+RAPL = [("intel-rapl:0", "package-0", 1000000, 5000), ("intel-rapl:1", "psys", 7, None)]
+POWER_SETTERS = ("nvmlDeviceSetPowerManagementLimit", "nvmlDeviceSetPersistenceMode",
+                 "nvmlDeviceSetGpuLockedClocks", "nvmlDeviceResetGpuLockedClocks",
+                 "nvmlDeviceSetMemoryLockedClocks", "nvmlDeviceResetMemoryLockedClocks")
+POWER_READS = ("nvmlDeviceGetFieldValues", "nvmlDeviceGetPowerUsage")
+# An idle daemon with every group: main, accept, two samplers, the RAPL guard, a worker per GPU.
+IDLE_THREADS = 5 + len(GPUS)
+
+
+def wait_for(predicate, what, timeout=TIMEOUT):
+    """Poll predicate until it returns something true; fail after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting for " + what)
+        time.sleep(0.005)
+
+
+# ---- Simulated node: fake NVML state and call log, RAPL tree ----
+
+class FakeNode(object):
+    """A directory holding the fake pynvml module, its state and call log, and a RAPL tree."""
+
+    def __init__(self, root, gpus=GPUS, rapl=RAPL):
+        self.root = root
+        self.lib = os.path.join(root, "lib")
+        os.makedirs(self.lib)
+        with open(os.path.join(self.lib, "pynvml.py"), "w") as module:
+            module.write(FAKE_PYNVML)
+        self.state_path = os.path.join(root, "nvml.json")
+        self.log_path = os.path.join(root, "nvml.log")
+        self.state = {"gpus": [dict(GPU_DEFAULTS, **gpu) for gpu in gpus]}
+        self.save()
+        self.rapl = os.path.join(root, "rapl")
+        os.makedirs(self.rapl)
+        for directory, name, start, dram in rapl:
+            self.add_zone(directory, name, start)
+            if dram is not None:
+                self.add_zone(directory + "/" + directory + ":0", "dram", dram)
+
+    def env(self):
+        return {"PYTHONPATH": self.lib, "FAKE_NVML_STATE": self.state_path,
+                "FAKE_NVML_LOG": self.log_path}
+
+    def save(self):
+        """Replace the state file atomically (the fake reloads it on change)."""
+        temp = self.state_path + ".new"
+        with open(temp, "w") as state_file:
+            json.dump(self.state, state_file)
+        os.replace(temp, self.state_path)
+
+    def update(self, **changes):
+        self.state.update(changes)
+        self.save()
+
+    def set_gpu(self, index, **values):
+        self.state["gpus"][index].update(values)
+        self.save()
+
+    def timed_calls(self, *names):
+        """[(unix time, function, gpu, args...)] from the call log, optionally only those named."""
+        if not os.path.exists(self.log_path):
+            return []
+        with open(self.log_path) as log_file:
+            rows = [line.split() for line in log_file if line.strip()]
+        return [(float(row[0]),) + tuple(row[1:]) for row in rows if not names or row[1] in names]
+
+    def calls(self, *names):
+        """[(function, gpu, args...)] from the call log, optionally only those named."""
+        return [row[1:] for row in self.timed_calls(*names)]
+
+    def add_zone(self, directory, name, energy_uj):
+        path = os.path.join(self.rapl, directory)
+        os.makedirs(path)
+        for file_name, value in (("name", name), ("max_energy_range_uj", MAX_RANGE_UJ)):
+            with open(os.path.join(path, file_name), "w") as zone_file:
+                zone_file.write("%s\n" % value)
+        self.set_energy(directory, energy_uj)
+
+    def set_energy(self, directory, energy_uj):
+        """Write the counter in place with a constant length, as a reader may read any time."""
+        fd = os.open(os.path.join(self.rapl, directory, "energy_uj"), os.O_WRONLY | os.O_CREAT)
+        os.pwrite(fd, b"%012d\n" % energy_uj, 0)
+        os.close(fd)
+
+
+# ---- The daemon under test, and an HTTP/1.1 client that speaks raw bytes ----
+
+Response = collections.namedtuple("Response", "status headers body")
+
+
+def response_json(response):
+    assert response.headers.get("content-type") == "application/json", response
+    return json.loads(response.body.decode())
+
+
+class Connection(object):
+    """One connection to the daemon; requests go out as given, responses are parsed by hand."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.sock.settimeout(TIMEOUT)
+        self.buffer = b""
+
+    def close(self):
+        self.sock.close()
+
+    def send(self, data):
+        self.sock.sendall(data)
+
+    def fill(self):
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise EOFError("connection closed")
+        self.buffer += chunk
+
+    def read_head(self):
+        while b"\r\n\r\n" not in self.buffer:
+            self.fill()
+        head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        return status, headers
+
+    def response(self, head_only=False):
+        status, headers = self.read_head()
+        if status == 100:
+            return self.response(head_only)
+        length = int(headers.get("content-length", 0))
+        if head_only:
+            length = 0
+        while len(self.buffer) < length:
+            self.fill()
+        body, self.buffer = self.buffer[:length], self.buffer[length:]
+        return Response(status, headers, body)
+
+    def request(self, method, path, headers=None, body=b""):
+        lines = ["%s %s HTTP/1.1" % (method, path), "Host: localhost"]
+        for name, value in (headers or {}).items():
+            lines.append("%s: %s" % (name, value))
+        if body:
+            lines.append("Content-Length: %d" % len(body))
+        self.send(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
+        return self.response(head_only=method == "HEAD")
+
+    def closed_by_peer(self, timeout=TIMEOUT):
+        """True once the daemon closes the connection (EOF or reset)."""
+        self.sock.settimeout(timeout)
+        try:
+            while True:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    return True
+                self.buffer += chunk
+        except ConnectionResetError:
+            return True
+        except socket.timeout:
+            return False
+
+
+class EventStream(object):
+    """An SSE subscription: the response head, then events as they arrive."""
+
+    def __init__(self, connection, path, headers=None):
+        self.connection = connection
+        request = "GET %s HTTP/1.1\r\nHost: localhost\r\nAccept: text/event-stream\r\n" % path
+        for name, value in (headers or {}).items():
+            request += "%s: %s\r\n" % (name, value)
+        connection.send((request + "\r\n").encode())
+        self.status, self.headers = connection.read_head()
+
+    def next_block(self, timeout=TIMEOUT):
+        """The next event or comment block's text, or None if none came within timeout."""
+        connection = self.connection
+        deadline = time.monotonic() + timeout
+        while b"\n\n" not in connection.buffer:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([connection.sock], [], [], remaining)[0]:
+                return None
+            connection.fill()
+        block, connection.buffer = connection.buffer.split(b"\n\n", 1)
+        return block.decode()
+
+    def next_event(self, timeout=TIMEOUT):
+        """The next data event's JSON (comments skipped), or None."""
+        deadline = time.monotonic() + timeout
+        while True:
+            block = self.next_block(max(0.0, deadline - time.monotonic()))
+            if block is None:
+                return None
+            if block.startswith("data: "):
+                assert "\n" not in block, block
+                return json.loads(block[len("data: "):])
+
+    def close(self):
+        self.connection.close()
+
+
+class Daemon(object):
+    """`zeusd.py serve` as a subprocess on a temporary socket or a free loopback port."""
+
+    def __init__(self, node, *args, **options):
+        self.node = node
+        self.mode = options.get("mode", "uds")
+        self.socket_path = os.path.join(node.root, options.get("socket_name", "zeusd.sock"))
+        self.log_path = os.path.join(node.root, "daemon-%d.log" % id(self))
+        command = [options.get("python", PYTHON), ZEUSD, "serve", "--mode", self.mode,
+                   "--rapl-dir", node.rapl]
+        if self.mode == "uds":
+            command += ["--socket-path", self.socket_path]
+        else:
+            command += ["--tcp-bind-address", options.get("address", "127.0.0.1:0")]
+        command += list(args)
+        env = dict(os.environ, **node.env())
+        env.pop("ZEUSD_LOG", None)
+        env.update(options.get("env", {}))
+        with open(self.log_path, "wb") as log_file:
+            self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL,
+                                            stdout=log_file, stderr=subprocess.STDOUT, env=env,
+                                            preexec_fn=options.get("preexec_fn"))
+        self.address = None
+        if options.get("wait", True):
+            self.wait_ready()
+
+    def log(self):
+        with open(self.log_path, "rb") as log_file:
+            return log_file.read().decode("utf-8", "replace")
+
+    def wait_ready(self):
+        def ready():
+            if self.process.poll() is not None:
+                raise AssertionError("zeusd exited with %s:\n%s"
+                                     % (self.process.returncode, self.log()))
+            if self.mode == "tcp":
+                return "listening on" in self.log()
+            try:
+                self.connect().close()
+                return True
+            except OSError:
+                return False
+        wait_for(ready, "the daemon to listen")
+        if self.mode == "tcp":
+            listening = self.log().split("listening on http://")[1].split()[0]
+            host, _, port = listening.rpartition(":")
+            self.address = (host.strip("[]"), int(port))
+
+    def wait_exit(self, timeout=TIMEOUT):
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("zeusd did not exit:\n" + self.log())
+
+    def connect(self):
+        if self.mode == "uds":
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(self.socket_path)
+        else:
+            sock = socket.create_connection(self.address, timeout=TIMEOUT)
+        return Connection(sock)
+
+    def request(self, method, path, headers=None, body=b"", token=None):
+        headers = dict(headers or {})
+        if token is not None:
+            headers["Authorization"] = "Bearer " + token
+        connection = self.connect()
+        try:
+            return connection.request(method, path, headers, body)
+        finally:
+            connection.close()
+
+    def get(self, path, token=None):
+        return self.request("GET", path, token=token)
+
+    def get_json(self, path, token=None):
+        response = self.get(path, token)
+        assert response.status == 200, response
+        return response_json(response)
+
+    def post(self, path, token=None):
+        return self.request("POST", path, token=token)
+
+    def stream(self, path, headers=None):
+        return EventStream(self.connect(), path, headers)
+
+    def threads(self):
+        with open("/proc/%d/status" % self.process.pid) as status:
+            for line in status:
+                if line.startswith("Threads:"):
+                    return int(line.split()[1])
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@pytest.fixture
+def node(tmp_path):
+    return FakeNode(str(tmp_path))
+
+
+@pytest.fixture
+def start(node):
+    """Start daemons on the test's node; all are stopped at the end of the test."""
+    daemons = []
+
+    def start_daemon(*args, **options):
+        daemon = Daemon(node, *args, **options)
+        daemons.append(daemon)
+        return daemon
+    yield start_daemon
+    for daemon in daemons:
+        daemon.stop()
+
+
+@pytest.fixture(scope="module")
+def shared_node():
+    root = tempfile.mkdtemp(prefix="zeusd-test-")
+    yield FakeNode(root)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def daemon(shared_node):
+    """One daemon with every group, shared by tests that change nothing on the node.
+
+    It also holds a client that sends half a request at once, so that the 10 s header timeout
+    (test_slow_client_gets_408, last in this file) runs out while the other tests run.
+    """
+    started = Daemon(shared_node)
+    started.slow_client = started.connect()
+    started.slow_client.send(b"GET /time HTTP/1.1\r\nHost: x\r\n")
+    started.slow_client_since = time.monotonic()
+    yield started
+    started.stop()
+
+
+def run_cli(*args, **options):
+    """Run zeusd.py with arguments; (exit status, stdout, stderr)."""
+    env = dict(os.environ, **options.get("env", {}))
+    result = subprocess.run([PYTHON, ZEUSD] + list(args), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                            timeout=TIMEOUT, cwd=options.get("cwd"))
+    return result.returncode, result.stdout.decode(), result.stderr.decode()
+
+
+# ---- §1 Command line ----
+
+def test_version_and_help_at_every_level():
+    status, out, _ = run_cli("--version")
+    assert (status, out) == (0, "zeusd %s\n" % zeusd.__version__)
+    assert run_cli("-V")[1] == out
+    status, out, _ = run_cli("--help")
+    assert status == 0 and "serve" in out and "token" in out
+    status, out, _ = run_cli("serve", "--help")
+    for flag in ("--mode", "--socket-path", "--socket-permissions", "--socket-uid", "--socket-gid",
+                 "--tcp-bind-address", "--num-workers", "--gpu-power-poll-hz",
+                 "--cpu-power-poll-hz", "--enable", "--signing-key-path", "--max-connections",
+                 "--rapl-dir"):
+        assert flag in out
+    assert "[default: /var/run/zeusd.sock]" in out and "[default: 127.0.0.1:4938]" in out
+    status, out, _ = run_cli("token", "issue", "--help")
+    assert status == 0 and "--expires" in out and "--scope" in out
+
+
+def test_runs_as_a_module():
+    result = subprocess.run([PYTHON, "-m", "zeusd", "--version"], cwd=HERE,
+                            stdout=subprocess.PIPE, timeout=TIMEOUT)
+    assert result.returncode == 0 and result.stdout.decode().startswith("zeusd ")
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["--mode", "http"], "--mode"),
+    (["--socket-permissions", "999"], "--socket-permissions"),
+    (["--socket-permissions", "07777"], "--socket-permissions"),
+    (["--gpu-power-poll-hz", "0"], "--gpu-power-poll-hz"),
+    (["--cpu-power-poll-hz", "1001"], "--cpu-power-poll-hz"),
+    (["--enable", "gpu-read,gpu-write"], "--enable"),
+    (["--tcp-bind-address", "localhost"], "--tcp-bind-address"),
+    (["--tcp-bind-address", "127.0.0.1:70000"], "--tcp-bind-address"),
+    (["--max-connections", "0"], "--max-connections"),
+])
+def test_bad_flag_values_are_one_line_usage_errors(args, flag):
+    status, out, err = run_cli("serve", *args)
+    assert status == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and flag in err
+
+
+def test_enable_accepts_commas_and_repeats_and_drops_duplicates(start):
+    daemon = start("--enable", "gpu-read,gpu-read", "--enable", "gpu-control",
+                   "--enable", "gpu-read")
+    assert daemon.get_json("/discover")["enabled_api_groups"] == ["gpu-read", "gpu-control"]
+
+
+# ---- §1 Startup ----
+
+def test_starts_without_pynvml_or_rapl(node, start):
+    with open(os.path.join(node.lib, "pynvml.py"), "w") as module:
+        module.write("raise ImportError('No module named pynvml')\n")
+    shutil.rmtree(node.rapl)
+    daemon = start()
+    discover = daemon.get_json("/discover")
+    assert discover["gpu_ids"] == [] and discover["cpu_ids"] == []
+    assert "pynvml is not installed" in daemon.log() and "no RAPL directory" in daemon.log()
+    assert daemon.get_json("/gpu/get_power")["power_mw"] == {}
+    assert daemon.get_json("/cpu/get_power")["power_mw"] == {}
+
+
+def test_missing_nvml_library_means_zero_gpus(node, start):
+    node.update(init_fail=12)
+    daemon = start()
+    assert daemon.get_json("/discover")["gpu_ids"] == []
+    assert "NVML is not available" in daemon.log()
+
+
+def test_other_nvml_init_error_exits_1(node, start):
+    node.update(init_fail=999)
+    daemon = start(wait=False)
+    assert daemon.wait_exit() == 1
+    assert "cannot initialise NVML" in daemon.log()
+    assert not os.path.exists(daemon.socket_path)
+
+
+def test_only_the_needed_devices_are_initialised(node, start):
+    daemon = start("--enable", "cpu-read")
+    discover = daemon.get_json("/discover")
+    assert discover["gpu_ids"] == [] and discover["gpus"] == [] and discover["cpu_ids"] == [0, 1]
+    assert node.calls() == []
+    daemon.stop()
+    daemon = start("--enable", "gpu-read")
+    discover = daemon.get_json("/discover")
+    assert discover["cpu_ids"] == [] and discover["cpus"] == [] and discover["gpu_ids"] == [0, 1, 2]
+
+
+def unprivileged_python():
+    """An interpreter the nobody user can run, or None."""
+    for candidate in (PYTHON, "/usr/bin/python3"):
+        path = os.path.realpath(candidate)
+        parts = path.split(os.sep)
+        if all(os.stat(os.sep.join(parts[:i]) or "/").st_mode & 0o001
+               for i in range(2, len(parts))) and os.stat(path).st_mode & 0o005 == 0o005:
+            return candidate
+    return None
+
+
+def as_nobody():
+    os.setgid(65534)
+    os.setgroups([])
+    os.setuid(65534)
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="needs root to run the daemon as an unprivileged user")
+def test_root_groups_refused_without_root():
+    python = unprivileged_python()
+    if python is None:
+        pytest.skip("no Python interpreter that an unprivileged user can run")
+    root = tempfile.mkdtemp(prefix="zeusd-nobody-")
+    try:
+        os.chmod(root, 0o777)
+        node = FakeNode(os.path.join(root, "node"))
+        for directory, _, files in os.walk(root):
+            os.chmod(directory, 0o777)
+            for name in files:
+                os.chmod(os.path.join(directory, name), 0o666)
+        shutil.copy(ZEUSD, os.path.join(root, "zeusd.py"))
+        script = os.path.join(root, "zeusd.py")
+        for enable, group in (("gpu-read,cpu-read", "cpu-read"), ("gpu-control", "gpu-control")):
+            result = subprocess.run(
+                [python, script, "serve", "--socket-path", os.path.join(root, "z.sock"),
+                 "--enable", enable], env=dict(os.environ, **node.env()),
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=as_nobody,
+                timeout=TIMEOUT)
+            assert result.returncode == 1
+            message = result.stderr.decode()
+            assert "'%s' requires root" % group in message and "--enable" in message
+            assert not os.path.exists(os.path.join(root, "z.sock"))
+            assert node.calls() == []
+        daemon = Daemon(node, "--enable", "gpu-read", python=python, preexec_fn=as_nobody)
+        try:
+            assert daemon.get_json("/discover")["gpu_ids"] == [0, 1, 2]
+        finally:
+            daemon.stop()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_stale_socket_is_replaced(node, start):
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(os.path.join(node.root, "zeusd.sock"))
+    stale.close()
+    daemon = start()
+    assert daemon.get("/time").status == 200
+
+
+def test_live_daemon_is_not_replaced(start):
+    first = start()
+    second = start(wait=False)
+    assert second.wait_exit() == 1
+    assert "another daemon is listening" in second.log()
+    assert first.get("/time").status == 200
+
+
+def test_socket_path_that_is_not_a_socket_is_left_alone(node, start):
+    path = os.path.join(node.root, "zeusd.sock")
+    with open(path, "w") as regular:
+        regular.write("keep me")
+    daemon = start(wait=False)
+    assert daemon.wait_exit() == 1
+    assert "is not a socket" in daemon.log()
+    with open(path) as regular:
+        assert regular.read() == "keep me"
+
+
+def test_missing_socket_directory_exits_1(start):
+    daemon = start(socket_name="missing/zeusd.sock", wait=False)
+    assert daemon.wait_exit() == 1
+    assert os.path.dirname(daemon.socket_path) in daemon.log()
+
+
+def test_socket_mode_and_owner(start):
+    args = ["--socket-permissions", "0640"]
+    if IS_ROOT:
+        args += ["--socket-uid", "65534", "--socket-gid", "65534"]
+    daemon = start(*args)
+    info = os.stat(daemon.socket_path)
+    assert stat.S_ISSOCK(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o640
+    if IS_ROOT:
+        assert (info.st_uid, info.st_gid) == (65534, 65534)
+
+
+def test_busy_tcp_address_exits_1(start):
+    first = start(mode="tcp")
+    address = "%s:%d" % first.address
+    second = start(mode="tcp", address=address, wait=False)
+    assert second.wait_exit() == 1
+    assert "cannot listen on " + address in second.log()
+
+
+def test_tcp_serves_the_same_api_and_warns_without_auth(start):
+    daemon = start(mode="tcp")
+    assert "without --signing-key-path" in daemon.log()
+    assert daemon.get_json("/discover")["gpu_ids"] == [0, 1, 2]
+    assert sorted(daemon.get_json("/gpu/get_power")["power_mw"]) == ["0", "1", "2"]
+
+
+def test_tcp_ipv6(start):
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    try:
+        socket.socket(socket.AF_INET6).bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback")
+    daemon = start(mode="tcp", address="[::1]:0")
+    assert daemon.address[0] == "::1"
+    assert daemon.get("/time").status == 200
+
+
+def test_num_workers_is_accepted_and_logged(start):
+    daemon = start("--num-workers", "4")
+    assert "--num-workers 4 has no effect" in daemon.log()
+
+
+def test_startup_log_line(start):
+    daemon = start()
+    line = [l for l in daemon.log().splitlines() if "listening on" in l][0]
+    assert daemon.socket_path in line and "GPUs: 3" in line and "CPUs: 2" in line
+    assert "gpu-control,gpu-read,cpu-read" in line and "auth: off" in line
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_ends_streams_and_removes_socket(start, sig):
+    daemon = start()
+    stream = daemon.stream("/gpu/stream_power")
+    assert stream.next_event() is not None
+    idle = daemon.connect()
+    started = time.monotonic()
+    daemon.process.send_signal(sig)
+    assert daemon.wait_exit(timeout=5) == 0
+    assert time.monotonic() - started < 2.0
+    assert not os.path.exists(daemon.socket_path)
+    assert stream.connection.closed_by_peer(timeout=2)
+    idle.close()
+    assert "shutting down" in daemon.log()
+
+
+# ---- §2 HTTP ----
+
+def test_keep_alive_serves_many_requests_on_one_connection(daemon):
+    connection = daemon.connect()
+    for path in ("/time", "/discover", "/gpu/get_power", "/nope", "/cpu/get_power", "/time"):
+        response = connection.request("GET", path)
+        assert response.status in (200, 404)
+        assert response.headers["content-type"] == "application/json"
+        assert int(response.headers["content-length"]) == len(response.body)
+        assert "connection" not in response.headers
+    connection.close()
+
+
+def test_pipelined_requests_are_answered_in_order(daemon):
+    connection = daemon.connect()
+    connection.send(b"GET /time HTTP/1.1\r\nHost: x\r\n\r\nGET /nope HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert connection.response().status == 200
+    assert connection.response().status == 404
+    connection.close()
+
+
+def test_http10_clients(daemon):
+    connection = daemon.connect()
+    connection.send(b"GET /time HTTP/1.0\r\n\r\n")
+    response = connection.response()
+    assert response.status == 200 and response.headers["connection"] == "close"
+    assert connection.closed_by_peer()
+    connection = daemon.connect()
+    connection.send(b"GET /time HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+    assert connection.response().headers["connection"] == "keep-alive"
+    connection.send(b"GET /time HTTP/1.0\r\n\r\n")
+    assert connection.response().status == 200
+    connection.close()
+
+
+def test_connection_close_is_honoured(daemon):
+    connection = daemon.connect()
+    response = connection.request("GET", "/time", {"Connection": "close"})
+    assert response.status == 200 and response.headers["connection"] == "close"
+    assert connection.closed_by_peer()
+
+
+def error_of(response, status):
+    assert response.status == status, response
+    body = response_json(response)
+    assert list(body) == ["error"] and body["error"]
+    return body["error"]
+
+
+def test_unknown_path_is_404(daemon):
+    assert "/gpu/get_powerz" in error_of(daemon.get("/gpu/get_powerz"), 404)
+    error_of(daemon.get("/"), 404)
+
+
+@pytest.mark.parametrize("method, path, allowed", [
+    ("POST", "/discover", "GET"), ("HEAD", "/time", "GET"), ("OPTIONS", "/gpu/get_power", "GET"),
+    ("GET", "/gpu/set_power_limit?gpu_ids=0&power_limit_mw=1&block=true", "POST"),
+    ("DELETE", "/cpu/get_power", "GET"), ("PUT", "/gpu/stream_power", "GET"),
+])
+def test_wrong_method_is_405_with_allow(daemon, method, path, allowed):
+    response = daemon.request(method, path)
+    assert response.status == 405 and response.headers["allow"] == allowed
+    if method != "HEAD":
+        error_of(response, 405)
+    else:
+        assert int(response.headers["content-length"]) > 0
+
+
+def test_head_response_has_no_body_and_connection_stays_usable(daemon):
+    connection = daemon.connect()
+    assert connection.request("HEAD", "/discover").status == 405
+    assert connection.request("GET", "/time").status == 200
+    connection.close()
+
+
+def raw_exchange(daemon, data):
+    connection = daemon.connect()
+    try:
+        connection.send(data)
+        response = connection.response()
+        assert response.headers.get("connection") == "close"
+        assert connection.closed_by_peer()
+        return response
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize("data, status", [
+    (b"GARBAGE\r\n\r\n", 400),
+    (b"GET /time\r\n\r\n", 400),
+    (b"GET /time HTTP/2.0\r\n\r\n", 505),
+    (b"GET /time HTTP/1.1\r\nBad Header Line\r\n\r\n", 400),
+    (b"GET /time HTTP/1.1\r\n Folded: x\r\n\r\n", 400),
+    (b"POST /time HTTP/1.1\r\nContent-Length: abc\r\n\r\n", 400),
+    (b"POST /time HTTP/1.1\r\nContent-Length: 70000\r\n\r\n", 413),
+    (b"POST /time HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n", 400),
+    (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n", 414),
+    (b"GET /time HTTP/1.1\r\n" + b"X-A: b\r\n" * 101 + b"\r\n", 431),
+    (b"GET /time HTTP/1.1\r\n" + (b"X-A: " + b"b" * 8000 + b"\r\n") * 9 + b"\r\n", 431),
+])
+def test_malformed_requests_get_json_errors_and_close(daemon, data, status):
+    error_of(raw_exchange(daemon, data), status)
+
+
+def test_request_line_longer_than_limit_without_newline_is_414(daemon):
+    connection = daemon.connect()
+    connection.send(b"GET /" + b"a" * 9000)
+    error_of(connection.response(), 414)
+    connection.close()
+
+
+def test_request_bodies_are_drained(daemon):
+    connection = daemon.connect()
+    response = connection.request("POST", "/discover", body=b"x" * 65536)
+    assert response.status == 405
+    connection.send(b"POST /time HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+                    b"5\r\nhello\r\n3;ext=1\r\nabc\r\n0\r\nTrailer: x\r\n\r\n")
+    assert connection.response().status == 405
+    connection.send(b"POST /time HTTP/1.1\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n")
+    status, _ = connection.read_head()
+    assert status == 100
+    connection.send(b"abcd")
+    assert connection.response().status == 405
+    assert connection.request("GET", "/time").status == 200
+    connection.close()
+
+
+def test_chunked_body_over_limit_is_413(daemon):
+    chunk = b"%x\r\n%s\r\n" % (40000, b"y" * 40000)
+    data = b"POST /time HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n" + chunk * 2 + b"0\r\n\r\n"
+    error_of(raw_exchange(daemon, data), 413)
+
+
+def test_absolute_form_target(daemon):
+    assert daemon.get("http://localhost/time").status == 200
+
+
+def test_connection_cap(start):
+    daemon = start("--max-connections", "2")
+    held = [daemon.connect(), daemon.connect()]
+    for connection in held:
+        assert connection.request("GET", "/time").status == 200
+    refused = daemon.connect()
+    refused.send(b"GET /time HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert error_of(refused.response(), 503) == "Too many connections"
+    assert refused.closed_by_peer()
+    held.pop().close()
+    wait_for(lambda: daemon.get("/time").status == 200, "a free connection slot")
+    held[0].close()
+
+
+# ---- §2 Query strings ----
+
+@pytest.mark.parametrize("query, fragment", [
+    ("gpu_ids=0&power_limit_mw=200000&block=true&force=1", "'force'"),
+    ("gpu_ids=0&gpu_ids=1&power_limit_mw=200000&block=true", "'gpu_ids'"),
+    ("gpu_ids=0&power_limit_mw=200000", "'block'"),
+    ("gpu_ids=0&power_limit_mw=200000&block=yes", "'block'"),
+    ("gpu_ids=0&power_limit_mw=-5&block=true", "'power_limit_mw'"),
+    ("gpu_ids=0&power_limit_mw=4294967296&block=true", "'power_limit_mw'"),
+    ("gpu_ids=0&power_limit_mw=2e5&block=true", "'power_limit_mw'"),
+    ("gpu_ids=&power_limit_mw=200000&block=true", "'gpu_ids'"),
+    ("gpu_ids=0,,1&power_limit_mw=200000&block=true", "'gpu_ids'"),
+    ("gpu_ids=a&power_limit_mw=200000&block=true", "'gpu_ids'"),
+    ("gpu_ids=-1&power_limit_mw=200000&block=true", "'gpu_ids'"),
+    ("power_limit_mw=200000&block=true", "'gpu_ids'"),
+])
+def test_bad_query_parameters_are_400_naming_them(node, start, query, fragment):
+    daemon = start()
+    message = error_of(daemon.post("/gpu/set_power_limit?" + query), 400)
+    assert fragment in message
+    assert node.calls(*POWER_SETTERS) == []
+
+
+def test_query_values_are_decoded_and_flexible(daemon):
+    assert daemon.get("/gpu/get_power?gpu_ids=0%2C%201").status == 200
+    body = daemon.get_json("/gpu/get_power?gpu_ids=2,%200,2")
+    assert list(body["power_mw"]) == ["2", "0"]
+    body = daemon.get_json("/cpu/get_cumulative_energy?cpu_ids=0&cpu=TRUE&dram=False")
+    assert body["0"]["dram_energy_uj"] is None
+
+
+def test_endpoints_without_parameters_ignore_the_query(daemon):
+    assert daemon.get("/discover?anything=1&x").status == 200
+    assert daemon.get("/time?foo").status == 200
+
+
+# ---- §3 Always-available endpoints ----
+
+def test_discover(daemon):
+    assert daemon.get_json("/discover") == {
+        "gpu_ids": [0, 1, 2], "cpu_ids": [0, 1], "dram_available": [True, False],
+        "enabled_api_groups": ["gpu-control", "gpu-read", "cpu-read"], "auth_required": False,
+        "gpus": [
+            {"id": 0, "name": "NVIDIA H100 80GB HBM3", "pci_address": "0000:00:06.0",
+             "cumulative_energy_available": True},
+            {"id": 1, "name": "NVIDIA A40", "pci_address": "0000:41:00.0",
+             "cumulative_energy_available": False},
+            {"id": 2, "name": "NVIDIA H100 80GB HBM3", "pci_address": "0000:c1:00.0",
+             "cumulative_energy_available": True}],
+        "cpus": [{"id": 0, "name": "package-0", "dram_available": True},
+                 {"id": 1, "name": "psys", "dram_available": False}]}
+
+
+def test_time(daemon):
+    before = int(time.time() * 1000)
+    stamp = daemon.get_json("/time")["timestamp_ms"]
+    assert before - 5 <= stamp <= int(time.time() * 1000) + 5
+
+
+# ---- §3 gpu-control ----
+
+CONTROL_CASES = [
+    ("set_power_limit", "power_limit_mw=250000", "nvmlDeviceSetPowerManagementLimit", ("250000",)),
+    ("set_persistence_mode", "enabled=false", "nvmlDeviceSetPersistenceMode", ("0",)),
+    ("set_gpu_locked_clocks", "min_clock_mhz=900&max_clock_mhz=1410",
+     "nvmlDeviceSetGpuLockedClocks", ("900", "1410")),
+    ("reset_gpu_locked_clocks", "", "nvmlDeviceResetGpuLockedClocks", ()),
+    ("set_mem_locked_clocks", "min_clock_mhz=1593&max_clock_mhz=2619",
+     "nvmlDeviceSetMemoryLockedClocks", ("1593", "2619")),
+    ("reset_mem_locked_clocks", "", "nvmlDeviceResetMemoryLockedClocks", ()),
+]
+
+
+def test_control_endpoints_call_nvml_on_every_gpu(node, start):
+    daemon = start()
+    for endpoint, params, function, args in CONTROL_CASES:
+        query = "gpu_ids=2,0&block=true" + ("&" + params if params else "")
+        response = daemon.post("/gpu/%s?%s" % (endpoint, query))
+        assert (response.status, response.body) == (200, b"")
+        calls = node.calls(function)
+        assert sorted(calls) == [(function, "0") + args, (function, "2") + args]
+    assert daemon.post("/gpu/set_persistence_mode?gpu_ids=1&enabled=TRUE&block=true").status == 200
+    assert ("nvmlDeviceSetPersistenceMode", "1", "1") in node.calls()
+
+
+def test_control_with_unknown_gpu_changes_nothing(node, start):
+    daemon = start()
+    response = daemon.post("/gpu/set_power_limit?gpu_ids=0,7&power_limit_mw=200000&block=true")
+    assert error_of(response, 400) == "GPU index 7 does not exist."
+    response = daemon.post("/gpu/reset_gpu_locked_clocks?gpu_ids=3&block=false")
+    assert error_of(response, 400) == "GPU index 3 does not exist."
+    assert node.calls(*POWER_SETTERS) == []
+
+
+@pytest.mark.parametrize("codes, status", [
+    ({"0": 4, "2": 3}, 403), ({"0": 3}, 400), ({"1": 2, "2": 999, "0": 4}, 500),
+])
+def test_control_errors_list_failed_gpus_with_most_severe_status(node, start, codes, status):
+    node.update(fail={"nvmlDeviceSetPowerManagementLimit": codes})
+    daemon = start()
+    response = daemon.post("/gpu/set_power_limit?gpu_ids=0,1,2&power_limit_mw=200000&block=true")
+    assert response.status == status
+    errors = response_json(response)["errors"]
+    assert sorted(errors) == sorted(codes)
+    texts = {2: "Invalid Argument", 3: "Not Supported", 4: "Insufficient Permissions",
+             999: "Unknown Error"}
+    for gpu, code in codes.items():
+        assert texts[code] in errors[gpu] and "GPU " + gpu in errors[gpu]
+    assert len(node.calls("nvmlDeviceSetPowerManagementLimit")) == 3
+
+
+def test_nvml_invalid_argument_is_400(start):
+    daemon = start()
+    response = daemon.post("/gpu/set_power_limit?gpu_ids=1&power_limit_mw=5&block=true")
+    assert response.status == 400
+    assert "Invalid Argument" in response_json(response)["errors"]["1"]
+
+
+def test_nonblocking_control_answers_at_once_and_logs_failures(node, start):
+    node.update(delay={"nvmlDeviceSetPowerManagementLimit": 0.3},
+                fail={"nvmlDeviceSetPowerManagementLimit": {"1": 4}})
+    daemon = start()
+    response = daemon.post("/gpu/set_power_limit?gpu_ids=0,1&power_limit_mw=200000&block=false")
+    assert (response.status, response.body) == (200, b"")
+    assert node.calls("nvmlDeviceSetPowerManagementLimit.done") == []
+    wait_for(lambda: len(node.calls("nvmlDeviceSetPowerManagementLimit.done")) == 2, "the commands")
+    wait_for(lambda: "GPU 1: set_power_limit" in daemon.log(), "the failure in the log")
+    assert "Insufficient Permissions" in daemon.log()
+
+
+def test_commands_run_in_order_per_gpu_and_concurrently_across_gpus(node, start):
+    node.update(delay={"nvmlDeviceSetGpuLockedClocks": 0.2})
+    daemon = start()
+    for low in (100, 200, 300):
+        query = "gpu_ids=0&min_clock_mhz=%d&max_clock_mhz=1000&block=false" % low
+        assert daemon.post("/gpu/set_gpu_locked_clocks?" + query).status == 200
+    response = daemon.post("/gpu/set_gpu_locked_clocks?gpu_ids=1,2&min_clock_mhz=1&"
+                           "max_clock_mhz=2&block=true")
+    assert response.status == 200
+    wait_for(lambda: len(node.calls("nvmlDeviceSetGpuLockedClocks.done")) == 5, "every command")
+    gpu0 = [c for c in node.calls("nvmlDeviceSetGpuLockedClocks", "nvmlDeviceSetGpuLockedClocks.done")
+            if c[1] == "0"]
+    assert [c[0].endswith(".done") for c in gpu0] == [False, True] * 3
+    assert [c[2] for c in gpu0 if len(c) > 2] == ["100", "200", "300"]
+    others = [c[:2] for c in node.calls("nvmlDeviceSetGpuLockedClocks",
+                                        "nvmlDeviceSetGpuLockedClocks.done") if c[1] != "0"]
+    starts = [i for i, c in enumerate(others) if not c[0].endswith(".done")]
+    ends = [i for i, c in enumerate(others) if c[0].endswith(".done")]
+    assert max(starts) < min(ends), "GPUs 1 and 2 ran one after the other: %s" % others
+
+
+# ---- §3 gpu-read ----
+
+def test_gpu_power_uses_instant_power_with_fallback(daemon):
+    body = daemon.get_json("/gpu/get_power")
+    assert body["power_mw"] == {"0": 76000, "1": 120000, "2": 99000}
+    assert abs(body["timestamp_ms"] - time.time() * 1000) < 2000
+    assert daemon.get_json("/gpu/get_power?gpu_ids=1")["power_mw"] == {"1": 120000}
+
+
+def test_gpu_power_is_fresh(node, start):
+    daemon = start("--gpu-power-poll-hz", "20")
+    assert daemon.get_json("/gpu/get_power")["power_mw"]["0"] == 76000
+    node.set_gpu(0, instant_mw=81000)
+    wait_for(lambda: daemon.get_json("/gpu/get_power")["power_mw"]["0"] == 81000,
+             "a fresh reading", timeout=1.0)
+
+
+def test_unknown_gpu_ids_on_power(daemon):
+    message = error_of(daemon.get("/gpu/get_power?gpu_ids=0,7,9"), 400)
+    assert message == "Unknown GPU indices: [7, 9]. Available: [0, 1, 2]"
+    message = error_of(daemon.get("/gpu/stream_power?gpu_ids=5"), 400)
+    assert message == "Unknown GPU indices: [5]. Available: [0, 1, 2]"
+
+
+def test_gpu_cumulative_energy(daemon):
+    assert daemon.get_json("/gpu/get_cumulative_energy?gpu_ids=2,0") == {
+        "2": {"energy_mj": 5000}, "0": {"energy_mj": 123456}}
+    response = daemon.get("/gpu/get_cumulative_energy")
+    assert response.status == 400
+    errors = response_json(response)["errors"]
+    assert list(errors) == ["1"] and "cumulative energy" in errors["1"]
+    assert error_of(daemon.get("/gpu/get_cumulative_energy?gpu_ids=7"), 400) == \
+        "GPU index 7 does not exist."
+
+
+def test_gpu_energy_nvml_error_is_mapped(node, start):
+    node.update(fail={"nvmlDeviceGetTotalEnergyConsumption": {"0": 15}})
+    daemon = start()
+    assert daemon.get_json("/discover")["gpus"][0]["cumulative_energy_available"] is False
+    node.update(fail={"nvmlDeviceGetPowerManagementLimit": {"2": 4}})
+    response = daemon.get("/gpu/get_power_limit")
+    assert response.status == 403 and list(response_json(response)["errors"]) == ["2"]
+
+
+def test_superset_gpu_reads(daemon):
+    assert daemon.get_json("/gpu/get_power_limit?gpu_ids=0") == {"0": {"power_limit_mw": 300000}}
+    assert daemon.get_json("/gpu/get_power_limit_constraints?gpu_ids=1") == {
+        "1": {"min_power_limit_mw": 100000, "max_power_limit_mw": 700000}}
+    assert daemon.get_json("/gpu/get_persistence_mode") == {
+        "0": {"enabled": True}, "1": {"enabled": True}, "2": {"enabled": True}}
+
+
+# ---- §3 cpu-read, §7 RAPL ----
+
+def test_cpu_cumulative_energy(daemon):
+    assert daemon.get_json("/cpu/get_cumulative_energy?cpu_ids=0,1&cpu=true&dram=true") == {
+        "0": {"cpu_energy_uj": 1000000, "dram_energy_uj": 5000},
+        "1": {"cpu_energy_uj": 7, "dram_energy_uj": None}}
+    assert daemon.get_json("/cpu/get_cumulative_energy?cpu=false&dram=true") == {
+        "0": {"cpu_energy_uj": None, "dram_energy_uj": 5000},
+        "1": {"cpu_energy_uj": None, "dram_energy_uj": None}}
+    assert error_of(daemon.get("/cpu/get_cumulative_energy?cpu_ids=3&cpu=true&dram=true"),
+                    400) == "CPU index 3 does not exist."
+    assert "'dram'" in error_of(daemon.get("/cpu/get_cumulative_energy?cpu_ids=0&cpu=true"), 400)
+
+
+def test_unknown_cpu_ids_on_power(daemon):
+    assert error_of(daemon.get("/cpu/get_power?cpu_ids=3"), 400) == \
+        "Unknown CPU indices: [3]. Available: [0, 1]"
+    assert error_of(daemon.get("/cpu/stream_power?cpu_ids=0,4"), 400) == \
+        "Unknown CPU indices: [4]. Available: [0, 1]"
+
+
+class RaplTicker(object):
+    """Advances RAPL counters at a steady simulated power, in real time."""
+
+    def __init__(self, node, watts):
+        self.node = node
+        self.watts = watts
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self.run)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stopped.set()
+        self.thread.join()
+
+    def run(self):
+        started = time.monotonic()
+        while not self.stopped.wait(0.002):
+            elapsed = time.monotonic() - started
+            for directory, (start, watts) in self.watts.items():
+                self.node.set_energy(directory, start + int(watts * elapsed * 1e6))
+
+
+def test_cpu_power_from_measured_energy_deltas(node, start):
+    daemon = start("--cpu-power-poll-hz", "10")
+    watts = {"intel-rapl:0": (1000000, 85.0), "intel-rapl:0/intel-rapl:0:0": (5000, 12.0),
+             "intel-rapl:1": (7, 40.0)}
+    with RaplTicker(node, watts):
+        body = daemon.get_json("/cpu/get_power")
+        assert set(body["power_mw"]) == {"0", "1"}
+        assert body["power_mw"]["1"]["dram_mw"] is None
+        assert abs(body["power_mw"]["0"]["cpu_mw"] - 85000) < 85000 * 0.1
+        assert abs(body["power_mw"]["0"]["dram_mw"] - 12000) < 12000 * 0.1
+        stream = daemon.stream("/cpu/stream_power?cpu_ids=1")
+        event = stream.next_event(timeout=1.0)
+        assert list(event["power_mw"]) == ["1"]
+        assert abs(event["power_mw"]["1"]["cpu_mw"] - 40000) < 40000 * 0.1
+        stream.close()
+
+
+def test_wraparound_keeps_energy_monotonic(node, start):
+    daemon = start()
+    path = "/cpu/get_cumulative_energy?cpu_ids=0&cpu=true&dram=false"
+    node.set_energy("intel-rapl:0", MAX_RANGE_UJ - 100)
+    assert daemon.get_json(path)["0"]["cpu_energy_uj"] == MAX_RANGE_UJ - 100
+    node.set_energy("intel-rapl:0", 50)
+    assert daemon.get_json(path)["0"]["cpu_energy_uj"] == MAX_RANGE_UJ + 50
+    assert daemon.get_json(path)["0"]["cpu_energy_uj"] == MAX_RANGE_UJ + 50
+
+
+def test_unreadable_rapl_zone_is_skipped(node, start):
+    os.remove(os.path.join(node.rapl, "intel-rapl:1", "max_energy_range_uj"))
+    daemon = start()
+    assert daemon.get_json("/discover")["cpu_ids"] == [0]
+    assert "skipping RAPL zone" in daemon.log()
+
+
+# ---- §2, §4 API groups ----
+
+def test_disabled_groups_answer_404_with_the_documented_message(start):
+    daemon = start("--enable", "gpu-read")
+    for method, path, group in (("POST", "/gpu/set_power_limit", "gpu-control"),
+                                ("GET", "/gpu/set_power_limit", "gpu-control"),
+                                ("GET", "/cpu/get_power?bad=1", "cpu-read"),
+                                ("GET", "/cpu/stream_power", "cpu-read")):
+        assert error_of(daemon.request(method, path), 404) == \
+            "API group '%s' is not enabled on this server." % group
+    assert daemon.get("/gpu/get_power").status == 200
+    assert error_of(daemon.get("/auth/whoami"), 404) == \
+        "Authentication is not enabled on this server."
+
+
+# ---- §5 Sampling and streaming ----
+
+def test_stream_framing_and_first_event(daemon):
+    started = time.monotonic()
+    stream = daemon.stream("/gpu/stream_power?gpu_ids=0,2")
+    assert stream.status == 200
+    assert stream.headers["content-type"] == "text/event-stream"
+    assert stream.headers["cache-control"] == "no-cache"
+    event = stream.next_event(timeout=1.0)
+    assert time.monotonic() - started < 1.0
+    assert event["power_mw"] == {"0": 76000, "2": 99000}
+    assert abs(event["timestamp_ms"] - time.time() * 1000) < 2000
+    stream.close()
+
+
+def test_events_only_when_a_selected_value_changes(node, start):
+    daemon = start("--gpu-power-poll-hz", "50")
+    first, second = daemon.stream("/gpu/stream_power?gpu_ids=0"), \
+        daemon.stream("/gpu/stream_power?gpu_ids=1")
+    assert first.next_event()["power_mw"] == {"0": 76000}
+    assert second.next_event()["power_mw"] == {"1": 120000}
+    node.set_gpu(1, power_mw=130000)
+    assert second.next_event()["power_mw"] == {"1": 130000}
+    assert first.next_block(timeout=0.2) is None
+    node.set_gpu(0, instant_mw=70000)
+    assert first.next_event()["power_mw"] == {"0": 70000}
+    first.close()
+    second.close()
+
+
+def happens_within(predicate, seconds):
+    """Whether predicate becomes true within seconds (to show that something does not)."""
+    try:
+        wait_for(predicate, "something", timeout=seconds)
+        return True
+    except AssertionError:
+        return False
+
+
+def test_no_device_calls_while_idle_and_sampling_stops(node, start):
+    daemon = start("--gpu-power-poll-hz", "100")
+    after_startup = len(node.calls())
+    assert not happens_within(lambda: len(node.calls()) != after_startup, 0.3)
+    stream = daemon.stream("/gpu/stream_power")
+    wait_for(lambda: len(node.calls(*POWER_READS)) > 30, "sampling")
+    stream.close()
+    wait_for(lambda: daemon.threads() == IDLE_THREADS, "the stream's thread to end")
+    settled = len(node.calls())
+    assert not happens_within(lambda: len(node.calls()) != settled, 0.3)
+    assert (settled - after_startup) % 3 == 0, "a tick read only some GPUs"
+
+
+def test_one_hardware_read_per_tick_whatever_the_subscribers(node, start):
+    daemon = start("--gpu-power-poll-hz", "20")
+    streams = [daemon.stream("/gpu/stream_power") for _ in range(10)]
+    for stream in streams:
+        assert stream.next_event() is not None
+    node.set_gpu(2, instant_mw=50000)
+    for stream in streams:
+        assert stream.next_event()["power_mw"]["2"] == 50000
+    reads = [row[0] for row in node.timed_calls("nvmlDeviceGetFieldValues") if row[2] == "0"]
+    gaps = [later - earlier for earlier, later in zip(reads[1:], reads[2:])]
+    assert gaps and min(gaps) > 0.025, "GPU 0 was read more than once per 50 ms tick"
+    for stream in streams:
+        stream.close()
+
+
+def test_disconnected_streams_leave_no_thread_behind(start):
+    daemon = start()
+    wait_for(lambda: daemon.threads() == IDLE_THREADS, "an idle daemon")
+    streams = [daemon.stream("/gpu/stream_power") for _ in range(20)]
+    streams += [daemon.stream("/cpu/stream_power") for _ in range(5)]
+    for stream in streams[:20]:
+        assert stream.next_event() is not None
+    assert daemon.threads() == IDLE_THREADS + 25
+    for stream in streams:
+        stream.close()
+    wait_for(lambda: daemon.threads() == IDLE_THREADS, "stream threads to end")
+    assert daemon.get("/time").status == 200
+
+
+def test_stream_survives_device_failures_and_logs_once(node, start):
+    daemon = start("--gpu-power-poll-hz", "100")
+    stream = daemon.stream("/gpu/stream_power")
+    assert stream.next_event()["power_mw"]["0"] == 76000
+    node.update(fail={"nvmlDeviceGetFieldValues": {"0": 15}})
+    wait_for(lambda: len([c for c in node.calls("nvmlDeviceGetFieldValues") if c[1] == "0"]) > 40,
+             "failed reads")
+    node.set_gpu(2, instant_mw=12345)
+    event = stream.next_event()
+    assert event["power_mw"] == {"0": 76000, "1": 120000, "2": 12345}
+    assert daemon.log().count("GPU 0: read failed") == 1
+    node.update(fail={})
+    wait_for(lambda: "GPU 0: reads work again" in daemon.log(), "recovery")
+    stream.close()
+
+
+def test_cpu_stream_events(node, start):
+    daemon = start("--cpu-power-poll-hz", "20")
+    with RaplTicker(node, {"intel-rapl:0": (1000000, 50.0)}):
+        stream = daemon.stream("/cpu/stream_power")
+        event = stream.next_event(timeout=1.0)
+        assert set(event["power_mw"]) == {"0", "1"}
+        assert set(event["power_mw"]["0"]) == {"cpu_mw", "dram_mw"}
+        assert stream.next_event(timeout=1.0) is not None
+        stream.close()
+
+
+def test_keep_alive_comment_after_quiet_period():
+    left, right = socket.socketpair()
+    subscriber = zeusd.StreamSubscriber(left, (0,), None)
+    sample = zeusd.Sample({0: 5}, zeusd.render_gpu_power)
+    now = time.monotonic()
+    subscriber.deliver(sample, now)
+    subscriber.deliver(sample, now + 1)
+    subscriber.deliver(sample, now + 1 + zeusd.KEEPALIVE_COMMENT_S)
+    right.settimeout(1)
+    data = right.recv(4096)
+    assert data.startswith(b'data: {"timestamp_ms": ') and data.endswith(
+        b', "power_mw": {"0": 5}}\n\n: keep-alive\n\n')
+    left.close()
+    right.close()
+
+
+def test_slow_stream_reader_is_dropped():
+    left, right = socket.socketpair()
+    subscriber = zeusd.StreamSubscriber(left, (0,), None)
+    now = time.monotonic()
+    for value in range(100000):
+        subscriber.deliver(zeusd.Sample({0: value}, zeusd.render_gpu_power), now)
+        if subscriber.closed:
+            break
+    assert subscriber.closed
+    left.close()
+    right.close()
+
+
+# ---- §8 Logging ----
+
+def test_request_log_lines_and_level(node, start):
+    daemon = start()
+    daemon.get("/gpu/get_power?gpu_ids=0")
+    wait_for(lambda: "GET /gpu/get_power 200 " in daemon.log(), "the request line")
+    daemon.stop()
+    quiet = start(env={"ZEUSD_LOG": "warning"})
+    quiet.get("/time")
+    quiet.stop()
+    assert "GET /time" not in quiet.log() and "listening on" not in quiet.log()
+
+
+# ---- Unit tests of the pure parts ----
+
+@pytest.mark.parametrize("text, seconds", [
+    ("90s", 90), ("15m", 900), ("1h", 3600), ("1h30m", 5400), ("7d", 604800), ("2w", 1209600),
+    ("30days", 2592000), ("1 hour 30 minutes", 5400), ("never", None), ("NEVER", None),
+    ("0", None), ("10sec", 10), ("3hrs", 10800),
+])
+def test_parse_duration(text, seconds):
+    assert zeusd.parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "1", "h", "1y", "1.5h", "-1h", "0s", "1h x", "99999999999w"])
+def test_parse_duration_rejects(text):
+    with pytest.raises(ValueError):
+        zeusd.parse_duration(text)
+
+
+def test_parse_ids_and_values():
+    assert zeusd.parse_ids("gpu_ids", "3, 1 ,3,0") == (3, 1, 0)
+    for bad in ("", "1,", ",1", "1 2", "x", "1.0", "+1", "٣"):
+        with pytest.raises(zeusd.HttpError):
+            zeusd.parse_ids("gpu_ids", bad)
+    assert zeusd.parse_u32("p", "4294967295") == 4294967295
+    assert zeusd.parse_bool("b", "True") is True
+
+
+def test_rapl_counter_wraparound(tmp_path):
+    zone = tmp_path / "zone"
+    zone.mkdir()
+    (zone / "max_energy_range_uj").write_text("1000\n")
+    (zone / "energy_uj").write_text("900\n")
+    counter = zeusd.RaplCounter(str(zone))
+    readings = []
+    for raw in (950, 10, 20, 999, 5, 5):
+        (zone / "energy_uj").write_text("%d\n" % raw)
+        readings.append(counter.read())
+    assert readings == [950, 1010, 1020, 1999, 2005, 2005]
+
+
+# ---- §4 Authentication ----
+
+KEY = b"c2VjcmV0LWtleS1mb3ItdGVzdHMtb25seS0xMjM0NTY=\n"
+
+
+def b64(data):
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def forge(header, claims, key=KEY):
+    """A token with any header and claims, signed HS256 with key."""
+    signing_input = b64(json.dumps(header).encode()) + "." + b64(json.dumps(claims).encode())
+    signature = hmac.new(key, signing_input.encode(), hashlib.sha256).digest()
+    return signing_input + "." + b64(signature)
+
+
+def token(scopes, exp="default", sub="alice", key=KEY):
+    claims = {"sub": sub, "scopes": scopes}
+    if exp == "default":
+        claims["exp"] = int(time.time()) + 3600
+    elif exp != "absent":
+        claims["exp"] = exp
+    return forge({"alg": "HS256", "typ": "JWT"}, claims, key)
+
+
+def verify(value):
+    return zeusd.verify_token(KEY, value)
+
+
+def test_tokens_round_trip():
+    issued = zeusd.issue_token(KEY, "bob", ["gpu-read", "cpu-read"], 2000000000)
+    assert verify(issued) == zeusd.Claims("bob", ("gpu-read", "cpu-read"), 2000000000)
+    assert verify(zeusd.issue_token(KEY, "bob", [], None)).exp is None
+    assert verify(token(["gpu-read"], exp=None)).exp is None
+
+
+@pytest.mark.parametrize("bad", [
+    "", "abc", "a.b", "a.b.c.d", "....", "é.é.é", "x" * 9000,
+    forge({"alg": "none"}, {"sub": "a", "scopes": []}).rsplit(".", 1)[0] + ".",
+    forge({"alg": "HS512"}, {"sub": "a", "scopes": []}),
+    forge({"alg": "RS256"}, {"sub": "a", "scopes": []}),
+    forge({"typ": "JWT"}, {"sub": "a", "scopes": []}),
+    forge({"alg": "hs256"}, {"sub": "a", "scopes": []}),
+    forge({"alg": "HS256"}, {"sub": "a", "scopes": []}, key=KEY.strip()),
+    forge({"alg": "HS256"}, {"sub": 5, "scopes": []}),
+    forge({"alg": "HS256"}, {"scopes": []}),
+    forge({"alg": "HS256"}, {"sub": "a"}),
+    forge({"alg": "HS256"}, {"sub": "a", "scopes": "gpu-read"}),
+    forge({"alg": "HS256"}, {"sub": "a", "scopes": ["gpu-admin"]}),
+    forge({"alg": "HS256"}, {"sub": "a", "scopes": [], "exp": "2000000000"}),
+    forge({"alg": "HS256"}, {"sub": "a", "scopes": [], "exp": 2000000000.5}),
+    forge({"alg": "HS256"}, {"sub": "a", "scopes": [], "exp": True}),
+    forge({"alg": "HS256"}, {"sub": "a", "scopes": [], "exp": -1}),
+    forge({"alg": "HS256"}, ["not", "an", "object"]),
+    forge(["HS256"], {"sub": "a", "scopes": []}),
+])
+def test_invalid_tokens_are_refused(bad):
+    with pytest.raises(zeusd.HttpError) as refused:
+        verify(bad)
+    assert refused.value.status == 401
+    assert refused.value.message.startswith("Invalid token: ")
+
+
+def test_tampering_is_detected():
+    good = token(["gpu-read"])
+    header, payload, signature = good.split(".")
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=="))
+    claims["scopes"] = ["gpu-control"]
+    tampered = header + "." + b64(json.dumps(claims).encode()) + "." + signature
+    for bad in (tampered, good + "x", good[:-2], header + "." + payload + "." + signature + "="):
+        with pytest.raises(zeusd.HttpError):
+            verify(bad)
+
+
+def test_non_base64_and_non_json_segments_are_refused():
+    header = b64(b'{"alg": "HS256"}')
+    for payload in ("!!!", b64(b"not json"), b64(b"\xff\xfe"), "a"):
+        signing_input = header + "." + payload
+        signature = b64(hmac.new(KEY, signing_input.encode(), hashlib.sha256).digest())
+        with pytest.raises(zeusd.HttpError):
+            verify(signing_input + "." + signature)
+
+
+@pytest.fixture
+def key_path(node):
+    path = os.path.join(node.root, "signing.key")
+    with open(path, "wb") as key_file:
+        key_file.write(KEY)
+    os.chmod(path, 0o600)
+    return path
+
+
+def issue_cli(key_path, *args):
+    return run_cli("token", "issue", "--signing-key-path", key_path, *args)
+
+
+def test_token_issue_cli(key_path):
+    status, out, err = issue_cli(key_path, "--user", "alice", "--scope", "gpu-read,cpu-read",
+                                 "--scope", "gpu-read", "--expires", "1h30m")
+    assert status == 0 and out.endswith("\n") and out.count("\n") == 1
+    claims = verify(out.strip())
+    assert (claims.sub, claims.scopes) == ("alice", ("gpu-read", "cpu-read"))
+    assert abs(claims.exp - (time.time() + 5400)) < 5
+    status, out, _ = issue_cli(key_path, "--user", "bob", "--expires", "never")
+    assert status == 0 and verify(out.strip()) == zeusd.Claims("bob", (), None)
+    status, out, _ = issue_cli(key_path, "--user", "bob", "--scope", "", "--expires", "0")
+    assert status == 0 and verify(out.strip()) == zeusd.Claims("bob", (), None)
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--scope", "gpu-admin", "--expires", "1h"], "gpu-control, gpu-read, cpu-read"),
+    (["--scope", "gpu-read", "--expires", "soon"], "never"),
+    (["--scope", "gpu-read", "--expires", "1y"], "90s"),
+    (["--scope", "gpu-read"], "--expires"),
+])
+def test_token_issue_usage_errors(key_path, args, fragment):
+    status, out, err = issue_cli(key_path, "--user", "alice", *args)
+    assert status == 2 and out == "" and fragment in err
+
+
+def test_token_issue_key_errors(node):
+    missing = os.path.join(node.root, "missing.key")
+    status, out, err = issue_cli(missing, "--user", "a", "--expires", "1h")
+    assert status == 1 and out == "" and missing in err
+    empty = os.path.join(node.root, "empty.key")
+    open(empty, "wb").close()
+    status, out, err = issue_cli(empty, "--user", "a", "--expires", "1h")
+    assert status == 1 and out == "" and empty in err
+
+
+def test_serve_key_errors_and_permission_warning(node, key_path, start):
+    daemon = start("--signing-key-path", os.path.join(node.root, "nope.key"), wait=False)
+    assert daemon.wait_exit() == 1
+    assert "nope.key" in daemon.log()
+    assert not os.path.exists(daemon.socket_path)
+    os.chmod(key_path, 0o640)
+    daemon = start("--signing-key-path", key_path)
+    assert "readable by group or others" in daemon.log()
+
+
+@pytest.fixture
+def auth_daemon(key_path, start):
+    return start("--signing-key-path", key_path, "--enable", "gpu-read,cpu-read,gpu-control")
+
+
+WWW_AUTHENTICATE = 'Bearer realm="zeusd"'
+
+
+def test_open_endpoints_need_no_token(auth_daemon):
+    assert auth_daemon.get_json("/discover")["auth_required"] is True
+    assert auth_daemon.get("/time").status == 200
+    assert auth_daemon.get("/time", token="garbage").status == 200
+
+
+def test_missing_and_bad_tokens_are_401(auth_daemon):
+    response = auth_daemon.get("/gpu/get_power")
+    assert error_of(response, 401) == \
+        "Authentication required. Provide an Authorization: Bearer <token> header."
+    assert response.headers["www-authenticate"] == WWW_AUTHENTICATE
+    for bad in ("garbage", token(["gpu-read"], key=b"other key"), "a.b.c",
+                forge({"alg": "none"}, {"sub": "a", "scopes": ["gpu-read"]})):
+        response = auth_daemon.get("/gpu/get_power", token=bad)
+        assert error_of(response, 401).startswith("Invalid token: ")
+        assert response.headers["www-authenticate"] == WWW_AUTHENTICATE
+    response = auth_daemon.request("GET", "/gpu/get_power",
+                                   {"Authorization": "Basic " + token(["gpu-read"])})
+    assert error_of(response, 401).startswith("Invalid token: ")
+    response = auth_daemon.request("GET", "/gpu/get_power",
+                                   {"Authorization": "bEaReR " + token(["gpu-read"])})
+    assert response.status == 200
+
+
+def test_huge_and_unicode_headers_are_401_not_crashes(auth_daemon):
+    assert auth_daemon.get("/gpu/get_power", token="x" * 60000).status == 401
+    connection = auth_daemon.connect()
+    connection.send(b"GET /gpu/get_power HTTP/1.1\r\nAuthorization: Bearer \xc3\xa9.\xff.\x00\r\n\r\n")
+    assert connection.response().status == 401
+    connection.close()
+    assert auth_daemon.get("/time").status == 200
+
+
+def test_expiry_with_leeway(auth_daemon):
+    now = int(time.time())
+    assert auth_daemon.get("/gpu/get_power", token=token(["gpu-read"], exp=now - 30)).status == 200
+    response = auth_daemon.get("/gpu/get_power", token=token(["gpu-read"], exp=now - 120))
+    assert error_of(response, 401) == "Token has expired."
+    assert response.headers["www-authenticate"] == WWW_AUTHENTICATE
+    assert auth_daemon.get("/gpu/get_power", token=token(["gpu-read"], exp="absent")).status == 200
+    assert auth_daemon.get("/gpu/get_power", token=token(["gpu-read"], exp=None)).status == 200
+
+
+def test_scopes(node, auth_daemon):
+    reader = token(["gpu-read"])
+    response = auth_daemon.post("/gpu/set_power_limit?gpu_ids=0&power_limit_mw=200000&block=true",
+                                token=reader)
+    assert error_of(response, 403) == ("Token for user 'alice' lacks required scope "
+                                       "'gpu-control'. Token scopes: ['gpu-read']")
+    assert error_of(auth_daemon.get("/cpu/get_power", token=reader), 403).endswith(
+        "lacks required scope 'cpu-read'. Token scopes: ['gpu-read']")
+    assert node.calls(*POWER_SETTERS) == []
+    controller = token(["gpu-control", "cpu-read"], sub="ops")
+    assert auth_daemon.post("/gpu/reset_gpu_locked_clocks?gpu_ids=0&block=true",
+                            token=controller).status == 200
+    assert auth_daemon.get("/cpu/get_power", token=controller).status == 200
+    assert error_of(auth_daemon.get("/gpu/get_power", token=controller), 403) == (
+        "Token for user 'ops' lacks required scope 'gpu-read'. "
+        "Token scopes: ['gpu-control', 'cpu-read']")
+    stream = auth_daemon.stream("/gpu/stream_power", {"Authorization": "Bearer " + reader})
+    assert stream.status == 200 and stream.next_event() is not None
+    stream.close()
+    wait_for(lambda: "GET /gpu/get_power 403" in auth_daemon.log() and " user=ops" in
+             auth_daemon.log(), "request lines with the user")
+
+
+def test_order_of_checks(key_path, start):
+    daemon = start("--signing-key-path", key_path, "--enable", "gpu-read")
+    reader = token(["gpu-read"])
+    assert error_of(daemon.post("/gpu/set_power_limit"), 404).startswith("API group 'gpu-control'")
+    assert error_of(daemon.get("/cpu/get_power", token="junk"), 404).startswith("API group")
+    assert daemon.get("/nowhere").status == 401
+    assert daemon.get("/nowhere", token=reader).status == 404
+    assert daemon.post("/gpu/get_power").status == 401
+    assert daemon.post("/gpu/get_power", token=reader).status == 405
+    assert daemon.get("/gpu/get_power?bad=1", token=token(["cpu-read"])).status == 403
+    assert daemon.get("/gpu/get_power?bad=1", token=reader).status == 400
+
+
+def test_whoami(auth_daemon):
+    exp = int(time.time()) + 600
+    assert auth_daemon.get_json("/auth/whoami", token=token(["cpu-read"], exp=exp)) == {
+        "sub": "alice", "scopes": ["cpu-read"], "exp": exp}
+    assert auth_daemon.get_json("/auth/whoami", token=token([], exp="absent")) == {
+        "sub": "alice", "scopes": []}
+    assert auth_daemon.get("/auth/whoami").status == 401
+
+
+def test_tokens_from_the_cli_work_against_the_daemon(key_path, auth_daemon):
+    status, out, _ = issue_cli(key_path, "--user", "carol", "--scope", "gpu-read",
+                               "--expires", "7d")
+    assert auth_daemon.get_json("/auth/whoami", token=out.strip())["sub"] == "carol"
+
+
+def test_pyjwt_interoperability(key_path, auth_daemon):
+    jwt = pytest.importorskip("jwt")
+    status, out, _ = issue_cli(key_path, "--user", "dave", "--scope", "gpu-read,cpu-read",
+                               "--expires", "2h")
+    decoded = jwt.decode(out.strip(), KEY, algorithms=["HS256"])
+    assert set(decoded) == {"sub", "scopes", "exp"}
+    assert (decoded["sub"], decoded["scopes"]) == ("dave", ["gpu-read", "cpu-read"])
+    assert jwt.get_unverified_header(out.strip())["alg"] == "HS256"
+    status, out, _ = issue_cli(key_path, "--user", "erin", "--expires", "never")
+    assert jwt.decode(out.strip(), KEY, algorithms=["HS256"]) == {"sub": "erin", "scopes": []}
+    foreign = jwt.encode({"sub": "frank", "scopes": ["gpu-read"], "exp": int(time.time()) + 60},
+                         KEY, algorithm="HS256")
+    foreign = foreign.decode() if isinstance(foreign, bytes) else foreign
+    assert auth_daemon.get_json("/auth/whoami", token=foreign)["sub"] == "frank"
+    assert auth_daemon.get("/gpu/get_power", token=foreign).status == 200
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        other = jwt.encode({"sub": "frank", "scopes": ["gpu-read"]}, KEY, algorithm="HS512")
+    other = other.decode() if isinstance(other, bytes) else other
+    assert auth_daemon.get("/gpu/get_power", token=other).status == 401
+
+
+# ---- Last: the slow client that the shared daemon has held since it started ----
+
+def test_slow_client_gets_408(daemon):
+    connection = daemon.slow_client
+    connection.sock.settimeout(zeusd.HEADER_TIMEOUT_S + 5)
+    error_of(connection.response(), 408)
+    assert time.monotonic() - daemon.slow_client_since > zeusd.HEADER_TIMEOUT_S - 0.5
+    assert connection.closed_by_peer()
