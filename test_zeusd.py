@@ -416,6 +416,7 @@ class Daemon(object):
         env = dict(os.environ, **node.env())
         env.pop("ZEUSD_LOG", None)
         env.update(options.get("env", {}))
+        self.quiet = env.get("ZEUSD_LOG") in ("warning", "error")
         with open(self.log_path, "wb") as log_file:
             self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL,
                                             stdout=log_file, stderr=subprocess.STDOUT, env=env,
@@ -433,14 +434,13 @@ class Daemon(object):
             if self.process.poll() is not None:
                 raise AssertionError("zeusd exited with %s:\n%s"
                                      % (self.process.returncode, self.log()))
-            if self.mode == "tcp":
-                return "listening on" in self.log()
-            try:
-                self.connect().close()
-                return True
-            except OSError:
-                return False
-        wait_for(ready, "the daemon to listen")
+            if self.mode == "uds":
+                try:
+                    self.connect().close()
+                except OSError:
+                    return False
+            return self.quiet or "listening on" in self.log()
+        wait_for(ready, "the daemon to listen and log its startup line")
         if self.mode == "tcp":
             listening = self.log().split("listening on http://")[1].split()[0]
             host, _, port = listening.rpartition(":")
@@ -893,6 +893,59 @@ def test_malformed_requests_get_json_errors_and_close(daemon, data, status):
     error_of(raw_exchange(daemon, data), status)
 
 
+def test_huge_numbers_are_400_not_500(daemon):
+    digits = "9" * 5000
+    assert "'power_limit_mw'" in error_of(daemon.post(
+        "/gpu/set_power_limit?gpu_ids=0&power_limit_mw=%s&block=true" % digits), 400)
+    assert "'gpu_ids'" in error_of(daemon.get("/gpu/get_power?gpu_ids=" + digits), 400)
+    data = ("POST /time HTTP/1.1\r\nContent-Length: %s\r\n\r\n" % digits).encode()
+    error_of(raw_exchange(daemon, data), 400)
+
+
+def test_control_characters_in_the_target_are_400(daemon):
+    error_of(raw_exchange(daemon, b"GET /ti\x1bme HTTP/1.1\r\n\r\n"), 400)
+    error_of(raw_exchange(daemon, b"GET /time\r HTTP/1.1\r\n\r\n"), 400)
+
+
+def test_fuzzed_requests_never_take_the_daemon_down(start):
+    """Seeded random mutations of valid requests: each is answered or closed, never more."""
+    import random
+    daemon = start()
+    wait_for(lambda: daemon.threads() == IDLE_THREADS, "an idle daemon")
+    rng = random.Random(1234)
+    seeds = [b"GET /gpu/get_power?gpu_ids=0,1 HTTP/1.1\r\nHost: x\r\n\r\n",
+             b"POST /gpu/set_power_limit?gpu_ids=0&power_limit_mw=200000&block=true HTTP/1.1\r\n"
+             b"Content-Length: 3\r\n\r\nabc",
+             b"GET /cpu/get_cumulative_energy?cpu=true&dram=false HTTP/1.0\r\n\r\n",
+             b"POST /time HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"]
+    for _ in range(150):
+        data = bytearray(rng.choice(seeds))
+        for _ in range(rng.randint(1, 6)):
+            position = rng.randrange(len(data))
+            action = rng.random()
+            if action < 0.4:
+                data[position] = rng.randrange(256)
+            elif action < 0.7:
+                del data[position:position + rng.randint(1, 8)]
+            else:
+                data[position:position] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 8)))
+        connection = daemon.connect()
+        connection.send(bytes(data) + b"\r\n\r\n")
+        connection.sock.shutdown(socket.SHUT_WR)
+        try:
+            while True:
+                response = connection.response()
+                assert 200 <= response.status < 600 and response.status != 500, (data, response)
+                if response.status >= 400 and response.body:
+                    response_json(response)
+        except (EOFError, ConnectionResetError):
+            pass
+        connection.close()
+    assert daemon.get("/time").status == 200
+    wait_for(lambda: daemon.threads() == IDLE_THREADS, "connection threads to end")
+    assert "Traceback" not in daemon.log()
+
+
 def test_request_line_longer_than_limit_without_newline_is_414(daemon):
     connection = daemon.connect()
     connection.send(b"GET /" + b"a" * 9000)
@@ -926,11 +979,19 @@ def test_absolute_form_target(daemon):
     assert daemon.get("http://localhost/time").status == 200
 
 
+def served_connection(daemon):
+    """A connection that the daemon serves (a closing one may still count for a moment)."""
+    def attempt():
+        connection = daemon.connect()
+        if connection.request("GET", "/time").status == 200:
+            return connection
+        connection.close()
+    return wait_for(attempt, "a connection slot")
+
+
 def test_connection_cap(start):
     daemon = start("--max-connections", "2")
-    held = [daemon.connect(), daemon.connect()]
-    for connection in held:
-        assert connection.request("GET", "/time").status == 200
+    held = [served_connection(daemon), served_connection(daemon)]
     refused = daemon.connect()
     refused.send(b"GET /time HTTP/1.1\r\nHost: x\r\n\r\n")
     assert error_of(refused.response(), 503) == "Too many connections"

@@ -55,7 +55,7 @@ for _names, _seconds in ((("s", "sec", "secs", "second", "seconds"), 1),
                          (("d", "day", "days"), 86400),
                          (("w", "week", "weeks"), 604800)):
     DURATION_UNITS.update(dict.fromkeys(_names, _seconds))
-DURATION_TERM = re.compile(r"\s*([0-9]+)\s*([a-z]+)\s*")
+DURATION_TERM = re.compile(r"\s*([0-9]{1,12})\s*([a-z]+)\s*")
 DURATION_FORMS = ("'never' or '0' (no expiry), or <number><unit> terms such as 90s, 15m, 1h, "
                   "1h30m, 7d, 2w, 30days (units: s, m, h, d, w and their long names)")
 LATEST_EXPIRY = 253402300799  # 9999-12-31T23:59:59Z
@@ -121,7 +121,7 @@ def octal_mode_arg(text):
 def int_range_arg(low, high):
     """An argparse type for a decimal integer in [low, high]."""
     def parse(text):
-        if not re.match(r"^[0-9]+$", text.strip()) or not low <= int(text) <= high:
+        if not re.match(r"^[0-9]{1,10}$", text.strip()) or not low <= int(text) <= high:
             raise argparse.ArgumentTypeError(
                 "invalid value '%s': expected an integer from %d to %d" % (text, low, high))
         return int(text)
@@ -1063,7 +1063,7 @@ class Node(object):
 
 # ---- HTTP, query parameters: strict parsing of booleans, integers and id lists ----
 
-DIGITS = re.compile(r"^[0-9]+$")
+DIGITS = re.compile(r"^[0-9]{1,10}$")  # enough for any 32-bit value, and int() stays cheap
 U32_MAX = 2 ** 32 - 1
 
 
@@ -1374,6 +1374,8 @@ MAX_LINGER_BYTES = 1 << 20
 REJECT_WAIT_S = 0.1
 ACCEPT_POLL_S = 0.1  # how soon the accept loop notices a shutdown
 METHOD = re.compile(rb"^[A-Z]{1,20}$")
+TARGET = re.compile(rb"^[\x21-\x7e\x80-\xff]+$")  # no spaces or control characters
+CONTENT_LENGTH = re.compile(r"^[0-9]{1,18}$")
 HEX = re.compile(rb"^[0-9A-Fa-f]{1,8}$")
 REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
            404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
@@ -1427,7 +1429,7 @@ def parse_head(head):
     """(method, target, version, headers) from a request head without its blank line."""
     lines = head.split(b"\n")
     parts = lines[0].rstrip(b"\r").split(b" ")
-    if len(parts) != 3 or not METHOD.match(parts[0]) or not parts[1]:
+    if len(parts) != 3 or not METHOD.match(parts[0]) or not TARGET.match(parts[1]):
         raise HttpError(400, "Malformed request line.")
     method, target, version = parts
     if version not in (b"HTTP/1.1", b"HTTP/1.0"):
@@ -1609,7 +1611,7 @@ class HttpConnection(socketserver.BaseRequestHandler):
                     return
                 self.take(size + 2, deadline)
         if length is not None:
-            if not DIGITS.match(length):
+            if not CONTENT_LENGTH.match(length):
                 raise HttpError(400, "Invalid Content-Length.")
             if int(length) > MAX_BODY:
                 raise HttpError(413, "Request body larger than %d bytes." % MAX_BODY)
