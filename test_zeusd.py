@@ -768,7 +768,7 @@ def test_num_workers_is_accepted_and_logged(start):
 
 def test_startup_log_line(start):
     daemon = start()
-    line = [l for l in daemon.log().splitlines() if "listening on" in l][0]
+    line = [row for row in daemon.log().splitlines() if "listening on" in row][0]
     assert daemon.socket_path in line and "GPUs: 3" in line and "CPUs: 2" in line
     assert "gpu-control,gpu-read,cpu-read" in line and "auth: off" in line
 
@@ -928,7 +928,8 @@ def test_fuzzed_requests_never_take_the_daemon_down(start):
             elif action < 0.7:
                 del data[position:position + rng.randint(1, 8)]
             else:
-                data[position:position] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 8)))
+                junk = bytes(rng.randrange(256) for _ in range(rng.randint(1, 8)))
+                data[position:position] = junk
         connection = daemon.connect()
         connection.send(bytes(data) + b"\r\n\r\n")
         connection.sock.shutdown(socket.SHUT_WR)
@@ -1141,8 +1142,8 @@ def test_commands_run_in_order_per_gpu_and_concurrently_across_gpus(node, start)
                            "max_clock_mhz=2&block=true")
     assert response.status == 200
     wait_for(lambda: len(node.calls("nvmlDeviceSetGpuLockedClocks.done")) == 5, "every command")
-    gpu0 = [c for c in node.calls("nvmlDeviceSetGpuLockedClocks", "nvmlDeviceSetGpuLockedClocks.done")
-            if c[1] == "0"]
+    gpu0 = [c for c in node.calls("nvmlDeviceSetGpuLockedClocks",
+                                  "nvmlDeviceSetGpuLockedClocks.done") if c[1] == "0"]
     assert [c[0].endswith(".done") for c in gpu0] == [False, True] * 3
     assert [c[2] for c in gpu0 if len(c) > 2] == ["100", "200", "300"]
     others = [c[:2] for c in node.calls("nvmlDeviceSetGpuLockedClocks",
@@ -1663,7 +1664,8 @@ def test_missing_and_bad_tokens_are_401(auth_daemon):
 def test_huge_and_unicode_headers_are_401_not_crashes(auth_daemon):
     assert auth_daemon.get("/gpu/get_power", token="x" * 60000).status == 401
     connection = auth_daemon.connect()
-    connection.send(b"GET /gpu/get_power HTTP/1.1\r\nAuthorization: Bearer \xc3\xa9.\xff.\x00\r\n\r\n")
+    connection.send(b"GET /gpu/get_power HTTP/1.1\r\n"
+                    b"Authorization: Bearer \xc3\xa9.\xff.\x00\r\n\r\n")
     assert connection.response().status == 401
     connection.close()
     assert auth_daemon.get("/time").status == 200

@@ -244,13 +244,10 @@ def setup_logging():
                     level_name)
 
 
-# ---- Authentication: HS256 JSON Web Tokens, signing keys, scopes ----
+# ---- Errors: how a request, a device operation or the startup fails ----
 
-TOKEN_MAX_LENGTH = 8192
-LEEWAY_S = 60
-BASE64URL = re.compile(r"^[A-Za-z0-9_-]*$")
-OPEN_PATHS = ("/discover", "/time")
-Claims = collections.namedtuple("Claims", "sub scopes exp")
+class StartupError(Exception):
+    """A reason the daemon cannot start; main prints it and exits 1."""
 
 
 class HttpError(Exception):
@@ -263,8 +260,22 @@ class HttpError(Exception):
         self.headers = headers
 
 
-class StartupError(Exception):
-    """A reason the daemon cannot start; main prints it and exits 1."""
+class DeviceError(Exception):
+    """A device operation that failed; status is the HTTP status that reports it."""
+
+    def __init__(self, status, message):
+        Exception.__init__(self, message)
+        self.status = status
+        self.message = message
+
+
+# ---- Authentication: HS256 JSON Web Tokens, signing keys, scopes ----
+
+TOKEN_MAX_LENGTH = 8192
+LEEWAY_S = 60
+BASE64URL = re.compile(r"^[A-Za-z0-9_-]*$")
+OPEN_PATHS = ("/discover", "/time")
+Claims = collections.namedtuple("Claims", "sub scopes exp")
 
 
 def unauthorized(message):
@@ -396,15 +407,6 @@ NVML_STATUS = {2: 400, 3: 400, 4: 403}  # invalid argument, not supported, no pe
 NVML_ABSENT = (9, 12)  # driver not loaded, library not found
 NVML_NOT_SUPPORTED = 3
 NVML_VALUE_FIELDS = ("dVal", "uiVal", "ulVal", "ullVal", "sllVal", "siVal", "usVal")
-
-
-class DeviceError(Exception):
-    """A device operation that failed; status is the HTTP status that reports it."""
-
-    def __init__(self, status, message):
-        Exception.__init__(self, message)
-        self.status = status
-        self.message = message
 
 
 class GpuBackend(object):
@@ -617,7 +619,7 @@ class RaplPackage(object):
 
 
 def discover_rapl(root):
-    """Every intel-rapl:N zone directly under root, by N; unreadable zones skipped with a warning."""
+    """Every intel-rapl:N zone directly under root, by N; unreadable ones skipped with a warning."""
     if not os.path.isdir(root):
         log.warning("no RAPL directory at %s: serving zero CPUs", root)
         return []
@@ -697,7 +699,8 @@ class ControlJob(object):
         except DeviceError as err:
             self.error = err
         except Exception as err:
-            self.error = DeviceError(500, "%s failed on GPU %d: %s" % (self.operation, self.gpu, err))
+            self.error = DeviceError(500, "%s failed on GPU %d: %s"
+                                     % (self.operation, self.gpu, err))
         if self.error is not None:
             log.error("GPU %d: %s%r failed: %s", self.gpu, self.operation, self.args,
                       self.error.message)
@@ -737,6 +740,7 @@ class GpuControl(object):
 KEEPALIVE_COMMENT_S = 15.0
 MAX_STREAM_BACKLOG = 65536
 SSE_KEEPALIVE = b": keep-alive\n\n"
+
 
 class Sample(object):
     """One reading of every device of a kind, rendered once per distinct selection of ids."""
@@ -1134,15 +1138,6 @@ IDS = (parse_ids, False)
 REQUIRED_IDS = (parse_ids, True)
 BOOL = (parse_bool, True)
 U32 = (parse_u32, True)
-GROUP_PATHS = {
-    "gpu-control": ("/gpu/set_power_limit", "/gpu/set_persistence_mode",
-                    "/gpu/set_gpu_locked_clocks", "/gpu/reset_gpu_locked_clocks",
-                    "/gpu/set_mem_locked_clocks", "/gpu/reset_mem_locked_clocks"),
-    "gpu-read": ("/gpu/get_power", "/gpu/stream_power", "/gpu/get_cumulative_energy",
-                 "/gpu/get_power_limit", "/gpu/get_power_limit_constraints",
-                 "/gpu/get_persistence_mode"),
-    "cpu-read": ("/cpu/get_cumulative_energy", "/cpu/get_power", "/cpu/stream_power"),
-}
 
 
 def json_body(value):
@@ -1166,14 +1161,15 @@ class Api(object):
         self.groups = groups
         self.auth = authenticator
         self.disabled = {}
-        for group, paths in GROUP_PATHS.items():
-            if group not in groups:
-                message = "API group '%s' is not enabled on this server." % group
-                self.disabled.update(dict.fromkeys(paths, message))
+        self.routes = {}
+        for path, route in self.all_routes().items():
+            if route.group is not None and route.group not in groups:
+                self.disabled[path] = "API group '%s' is not enabled on this server." % route.group
+            else:
+                self.routes[path] = route
         if authenticator is None:
+            del self.routes["/auth/whoami"]
             self.disabled["/auth/whoami"] = "Authentication is not enabled on this server."
-        self.routes = dict((path, route) for path, route in self.all_routes().items()
-                           if path not in self.disabled)
         self.discover_body = json_body(self.discovery())
 
     def all_routes(self):
