@@ -88,6 +88,8 @@ def _call(name, gpu, *args):
     if delay:
         time.sleep(delay)
         _log(" ".join([name + ".done", str(gpu)]))
+    if name in state.get("crash", ()):
+        raise RuntimeError("simulated bug in the NVML binding")
     failures = state.get("fail", {}).get(name, {})
     code = failures.get(str(gpu), failures.get("*"))
     if code:
@@ -1394,6 +1396,20 @@ def test_stream_survives_device_failures_and_logs_once(node, start):
     assert daemon.log().count("GPU 0: read failed") == 1
     node.update(fail={})
     wait_for(lambda: "GPU 0: reads work again" in daemon.log(), "recovery")
+    stream.close()
+
+
+def test_sampler_survives_unexpected_errors(node, start):
+    daemon = start("--gpu-power-poll-hz", "100")
+    stream = daemon.stream("/gpu/stream_power?gpu_ids=2")
+    assert stream.next_event()["power_mw"] == {"2": 99000}
+    node.update(crash=["nvmlDeviceGetFieldValues"])
+    wait_for(lambda: "gpu sampler: reading the devices failed" in daemon.log(), "the error")
+    assert "Internal server error" in error_of(daemon.get("/gpu/get_power"), 500)
+    node.update(crash=[])
+    node.set_gpu(2, instant_mw=42000)
+    assert stream.next_event()["power_mw"] == {"2": 42000}
+    assert daemon.log().count("gpu sampler: reading the devices failed") == 1
     stream.close()
 
 

@@ -929,6 +929,7 @@ class Sampler(object):
         self.streams = ()
         self.latest = None
         self.stopped = False
+        self.broken = False
         self.thread = threading.Thread(target=self.run, name=kind + "-sampler", daemon=True)
 
     def subscribe(self):
@@ -1021,8 +1022,15 @@ class Sampler(object):
                 time.sleep(next_tick - now)
                 if not self.subscribers:
                     continue
-            with self.read_lock:
-                sample = self.take()
+            try:
+                with self.read_lock:
+                    sample = self.take()
+                self.broken = False
+            except Exception:
+                if not self.broken:
+                    log.exception("%s sampler: reading the devices failed", self.kind)
+                self.broken = True
+                sample = None
             if sample is not None:
                 now = time.monotonic()
                 for subscriber in self.streams:
@@ -1478,7 +1486,7 @@ class HttpConnection(socketserver.BaseRequestHandler):
             pass
 
     def serve_one(self):
-        """Answer one request; False when the connection is to be closed."""
+        """Read and answer one request; False when the connection is to be closed."""
         try:
             head = self.read_head()
             started = time.monotonic()
@@ -1492,38 +1500,44 @@ class HttpConnection(socketserver.BaseRequestHandler):
             return False
         keep_alive = wants_keep_alive(version, headers)
         path, query = split_target(target)
+        result, user = self.dispatch(method, path, query, headers)
+        if isinstance(result, Stream):
+            self.stream(result)
+            status, keep_alive = 200, False
+        else:
+            status = result[0]
+            self.reply(method, version, keep_alive, result)
+        if log.isEnabledFor(logging.INFO):
+            log.info("%s %s %d %.2fms%s", method, shown(path), status,
+                     (time.monotonic() - started) * 1000, " user=" + user if user else "")
+        return keep_alive
+
+    def dispatch(self, method, path, query, headers):
+        """(the API's (status, body[, headers]) or Stream, the token's user or None)."""
         user = None
         try:
             claims = self.api.authenticate(path, headers)
             if claims is not None:
                 user = claims.sub
-            result = self.api.run(self.api.route(method, path, claims), query, claims)
+            return self.api.run(self.api.route(method, path, claims), query, claims), user
         except HttpError as err:
-            result = err.status, error_body(err.message), err.headers
+            return (err.status, error_body(err.message), err.headers), user
         except DeviceError as err:
-            result = err.status, error_body(err.message)
+            return (err.status, error_body(err.message)), user
         except Exception:
-            log.exception("internal error answering %s %s", method, shown(target))
-            result = 500, error_body("Internal server error; see the daemon's log.")
-        if isinstance(result, Stream):
-            self.stream(result)
-            keep_alive = False
-            status = 200
-        else:
-            status = result[0]
-            headers_out = result[2] if len(result) > 2 else b""
-            if not keep_alive:
-                headers_out += CLOSE
-            elif version == b"HTTP/1.0":
-                headers_out += KEEP_ALIVE
-            data = response_bytes(status, result[1], headers_out)
-            if method == "HEAD":
-                data = data[:len(data) - len(result[1])]
-            self.sock.sendall(data)
-        if log.isEnabledFor(logging.INFO):
-            log.info("%s %s %d %.2fms%s", method, shown(path), status,
-                     (time.monotonic() - started) * 1000, " user=" + user if user else "")
-        return keep_alive
+            log.exception("internal error answering %s %s", method, shown(path))
+            return (500, error_body("Internal server error; see the daemon's log.")), user
+
+    def reply(self, method, version, keep_alive, result):
+        """Send a (status, body[, headers]) answer in one write; no body for HEAD."""
+        status, body = result[0], result[1]
+        headers = result[2] if len(result) > 2 else b""
+        if not keep_alive:
+            headers += CLOSE
+        elif version == b"HTTP/1.0":
+            headers += KEEP_ALIVE
+        data = response_bytes(status, body, headers)
+        self.sock.sendall(data[:len(data) - len(body)] if method == "HEAD" else data)
 
     def receive(self, deadline):
         """Append what the client sends next to the buffer; 408 once the deadline passes."""
