@@ -1414,10 +1414,12 @@ def test_sampler_survives_unexpected_errors(node, start):
 
 
 def test_cpu_stream_events(node, start):
-    daemon = start("--cpu-power-poll-hz", "20")
+    daemon = start("--cpu-power-poll-hz", "4")
     with RaplTicker(node, {"intel-rapl:0": (1000000, 50.0)}):
+        started = time.monotonic()
         stream = daemon.stream("/cpu/stream_power")
         event = stream.next_event(timeout=1.0)
+        assert time.monotonic() - started < 0.25, "first event later than one period"
         assert set(event["power_mw"]) == {"0", "1"}
         assert set(event["power_mw"]["0"]) == {"cpu_mw", "dram_mw"}
         assert stream.next_event(timeout=1.0) is not None
