@@ -1735,6 +1735,28 @@ def test_order_of_checks(key_path, start):
     assert daemon.get("/gpu/get_power?bad=1", token=reader).status == 400
 
 
+def test_auth_matrix(key_path, start):
+    """Token kinds x {enabled group, disabled group}, on an auth server and a no-auth server."""
+    now = int(time.time())
+    cases = [  # (kind, token, status on the enabled group's path with auth)
+        ("no token", None, 401), ("garbage", "garbage", 401),
+        ("wrong key", token(["gpu-read"], key=b"another key\n"), 401),
+        ("expired", token(["gpu-read"], exp=now - 120), 401),
+        ("expired within leeway", token(["gpu-read"], exp=now - 30), 200),
+        ("wrong scope", token(["gpu-control"]), 403),
+        ("other-device scope", token(["cpu-read"]), 403),
+        ("right scope", token(["gpu-read"]), 200),
+        ("no expiry", token(["gpu-read"], exp="absent"), 200)]
+    disabled = "API group 'cpu-read' is not enabled on this server."
+    with_auth = start("--signing-key-path", key_path, "--enable", "gpu-read")
+    without_auth = start("--enable", "gpu-read", socket_name="plain.sock")
+    for kind, value, status in cases:
+        assert with_auth.get("/gpu/get_power", token=value).status == status, kind
+        assert error_of(with_auth.get("/cpu/get_power", token=value), 404) == disabled, kind
+        assert without_auth.get("/gpu/get_power", token=value).status == 200, kind
+        assert error_of(without_auth.get("/cpu/get_power", token=value), 404) == disabled, kind
+
+
 def test_whoami(auth_daemon):
     exp = int(time.time()) + 600
     assert auth_daemon.get_json("/auth/whoami", token=token(["cpu-read"], exp=exp)) == {
