@@ -55,6 +55,7 @@ for _names, _seconds in ((("s", "sec", "secs", "second", "seconds"), 1),
                          (("d", "day", "days"), 86400),
                          (("w", "week", "weeks"), 604800)):
     DURATION_UNITS.update(dict.fromkeys(_names, _seconds))
+DIGITS = re.compile(r"^[0-9]{1,10}$")  # enough for any 32-bit value, and int() stays cheap
 DURATION_TERM = re.compile(r"\s*([0-9]{1,12})\s*([a-z]+)\s*")
 DURATION_FORMS = ("'never' or '0' (no expiry), or <number><unit> terms such as 90s, 15m, 1h, "
                   "1h30m, 7d, 2w, 30days (units: s, m, h, d, w and their long names)")
@@ -121,7 +122,7 @@ def octal_mode_arg(text):
 def int_range_arg(low, high):
     """An argparse type for a decimal integer in [low, high]."""
     def parse(text):
-        if not re.match(r"^[0-9]{1,10}$", text.strip()) or not low <= int(text) <= high:
+        if not DIGITS.match(text.strip()) or not low <= int(text) <= high:
             raise argparse.ArgumentTypeError(
                 "invalid value '%s': expected an integer from %d to %d" % (text, low, high))
         return int(text)
@@ -1077,7 +1078,6 @@ class Node(object):
 
 # ---- HTTP, query parameters: strict parsing of booleans, integers and id lists ----
 
-DIGITS = re.compile(r"^[0-9]{1,10}$")  # enough for any 32-bit value, and int() stays cheap
 U32_MAX = 2 ** 32 - 1
 
 
