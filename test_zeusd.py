@@ -200,8 +200,9 @@ POWER_SETTERS = ("nvmlDeviceSetPowerManagementLimit", "nvmlDeviceSetPersistenceM
                  "nvmlDeviceSetGpuLockedClocks", "nvmlDeviceResetGpuLockedClocks",
                  "nvmlDeviceSetMemoryLockedClocks", "nvmlDeviceResetMemoryLockedClocks")
 POWER_READS = ("nvmlDeviceGetFieldValues", "nvmlDeviceGetPowerUsage")
-# An idle daemon with every group: main, accept, two samplers, the RAPL guard, a worker per GPU.
-IDLE_THREADS = 5 + len(GPUS)
+# An idle daemon with every group: main, accept, rejecter, two samplers, the RAPL guard, a
+# worker per GPU.
+IDLE_THREADS = 6 + len(GPUS)
 
 
 def wait_for(predicate, what, timeout=TIMEOUT):
@@ -1683,7 +1684,7 @@ def test_huge_and_unicode_headers_are_401_not_crashes(auth_daemon):
     assert auth_daemon.get("/gpu/get_power", token="x" * 60000).status == 401
     connection = auth_daemon.connect()
     connection.send(b"GET /gpu/get_power HTTP/1.1\r\n"
-                    b"Authorization: Bearer \xc3\xa9.\xff.\x00\r\n\r\n")
+                    b"Authorization: Bearer \xc3\xa9.\xff.\x80\r\n\r\n")
     assert connection.response().status == 401
     connection.close()
     assert auth_daemon.get("/time").status == 200

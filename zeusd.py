@@ -8,14 +8,32 @@ scopes. Standard library only, plus pynvml (nvidia-ml-py); Python 3.6 or newer.
 
     python zeusd.py serve --help
     python zeusd.py token issue --help
+
+The file reads in the order a request meets it:
+  configuration    API groups, durations, whole-value patterns
+  logging          LineFormatter: one line per event, client text escaped
+  errors           StartupError, DeviceError (what failed, not how HTTP says it), HttpError
+  auth             verify_token, Authenticator: HS256 tokens, scopes, key reload on SIGHUP
+  GPUs             GpuBackend (the interface), NvmlBackend
+  CPUs             RaplCounter, RaplPackage, RaplWrapGuard
+  GPU control      ControlJob, GpuControl: one worker per GPU
+  sampling         Sample, GpuPowerMeter, CpuPowerMeter, StreamSubscriber, Sampler
+  node             Node: the devices, samplers and workers the enabled groups need
+  HTTP replies     Reply, and the DeviceError -> status mapping
+  HTTP parameters  parse_query and its value parsers
+  HTTP API         Api.handle(request): route, group gate, auth, method, parameters, handler
+  HTTP wire        RequestReader (framing and limits), HttpConnection (serve, reply, stream)
+  servers          ConnectionCap with its Rejecter, TcpServer, UnixServer, bind_unix_socket
+  command line     build_parser and its flag types
+  main             serve (startup order, signals), issue, main
 """
 
 import argparse
 import base64
 import collections
+import errno
 import hashlib
 import hmac
-import http.server
 import json
 import logging
 import os
@@ -28,6 +46,7 @@ import socket
 import socketserver
 import stat
 import sys
+import tempfile
 import threading
 import time
 from urllib.parse import unquote_plus
@@ -37,16 +56,10 @@ __version__ = "0.4.0"
 log = logging.getLogger("zeusd")
 
 
-# ---- Configuration and command line: groups, flag values, durations, the argument parser ----
+# ---- Configuration: API groups, token lifetimes, whole-value patterns ----
 
 API_GROUPS = ("gpu-control", "gpu-read", "cpu-read")
 ROOT_GROUPS = ("gpu-control", "cpu-read")
-GROUP_HELP = (
-    "  - gpu-control: GPU control operations (set power limit, clocks, persistence mode). "
-    "Requires root\n"
-    "  - gpu-read:    GPU read operations (power reading, energy consumption)\n"
-    "  - cpu-read:    CPU RAPL read operations (energy, power). Requires root"
-)
 RAPL_DIRS = ("/sys/class/powercap/intel-rapl", "/zeus_sys/class/powercap/intel-rapl")
 DURATION_UNITS = {}
 for _names, _seconds in ((("s", "sec", "secs", "second", "seconds"), 1),
@@ -55,18 +68,12 @@ for _names, _seconds in ((("s", "sec", "secs", "second", "seconds"), 1),
                          (("d", "day", "days"), 86400),
                          (("w", "week", "weeks"), 604800)):
     DURATION_UNITS.update(dict.fromkeys(_names, _seconds))
-DIGITS = re.compile(r"^[0-9]{1,10}$")  # enough for any 32-bit value, and int() stays cheap
+# Every pattern here is used with fullmatch: `$` would also match before a trailing newline.
+DIGITS = re.compile(r"[0-9]{1,10}")  # enough for any 32-bit value, and int() stays cheap
 DURATION_TERM = re.compile(r"\s*([0-9]{1,12})\s*([a-z]+)\s*")
 DURATION_FORMS = ("'never' or '0' (no expiry), or <number><unit> terms such as 90s, 15m, 1h, "
                   "1h30m, 7d, 2w, 30days (units: s, m, h, d, w and their long names)")
 LATEST_EXPIRY = 253402300799  # 9999-12-31T23:59:59Z
-
-
-class CliParser(argparse.ArgumentParser):
-    """An argument parser whose usage errors are one line on stderr and exit status 2."""
-
-    def error(self, message):
-        self.exit(2, "%s: error: %s (see '%s --help')\n" % (self.prog, message, self.prog))
 
 
 def parse_group_list(values):
@@ -105,138 +112,40 @@ def parse_duration(text):
     return total
 
 
-def duration_arg(text):
-    try:
-        return parse_duration(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err))
-
-
-def octal_mode_arg(text):
-    if not re.match(r"^[0-7]{1,4}$", text):
-        raise argparse.ArgumentTypeError(
-            "invalid value '%s': expected 1 to 4 octal digits, such as 666, 660 or 0660" % text)
-    return int(text, 8)
-
-
-def int_range_arg(low, high):
-    """An argparse type for a decimal integer in [low, high]."""
-    def parse(text):
-        if not DIGITS.match(text.strip()) or not low <= int(text) <= high:
-            raise argparse.ArgumentTypeError(
-                "invalid value '%s': expected an integer from %d to %d" % (text, low, high))
-        return int(text)
-    return parse
-
-
-def tcp_address_arg(text):
-    """(host, port) from HOST:PORT, with IPv6 hosts in brackets."""
-    match = re.match(r"^\[([0-9A-Fa-f:.%a-zA-Z]+)\]:([0-9]{1,5})$", text) or \
-        re.match(r"^([^:\[\]\s]+):([0-9]{1,5})$", text)
-    if match and int(match.group(2)) <= 65535:
-        host = match.group(1)
-        try:
-            if text.startswith("["):
-                socket.inet_pton(socket.AF_INET6, host.split("%")[0])
-            return host, int(match.group(2))
-        except (OSError, ValueError):
-            pass
-    raise argparse.ArgumentTypeError(
-        "invalid address '%s': expected HOST:PORT, such as 127.0.0.1:4938, 0.0.0.0:4938 "
-        "or [::1]:4938" % text)
-
-
-def default_rapl_dir():
-    """The host's RAPL root, or the container convention's where only that one exists."""
-    if not os.path.isdir(RAPL_DIRS[0]) and os.path.isdir(RAPL_DIRS[1]):
-        return RAPL_DIRS[1]
-    return RAPL_DIRS[0]
-
-
-def build_parser():
-    parser = CliParser(
-        prog="zeusd",
-        description="The Zeus daemon manages and monitors compute devices on the node",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-V", "--version", action="version", version="zeusd " + __version__)
-    commands = parser.add_subparsers(dest="command", metavar="<COMMAND>", title="commands")
-    commands.required = True
-
-    fmt = argparse.RawTextHelpFormatter
-    serve = commands.add_parser("serve", help="Start the Zeus daemon",
-                                description="Start the Zeus daemon", formatter_class=fmt)
-    serve.add_argument("--mode", choices=("uds", "tcp"), default="uds",
-                       help="Operating mode: UDS or TCP [default: uds]\n"
-                            "  - uds: Unix domain socket\n  - tcp: TCP")
-    serve.add_argument("--socket-path", default="/var/run/zeusd.sock",
-                       help="[UDS mode] Path to the socket Zeusd will listen on\n"
-                            "[default: /var/run/zeusd.sock]")
-    serve.add_argument("--socket-permissions", type=octal_mode_arg, default=0o666,
-                       metavar="SOCKET_PERMISSIONS",
-                       help="[UDS mode] Permissions for the socket file to be created\n"
-                            "[default: 666]")
-    serve.add_argument("--socket-uid", type=int_range_arg(0, 2 ** 32 - 2),
-                       help="[UDS mode] UID to chown the socket file to")
-    serve.add_argument("--socket-gid", type=int_range_arg(0, 2 ** 32 - 2),
-                       help="[UDS mode] GID to chown the socket file to")
-    serve.add_argument("--tcp-bind-address", type=tcp_address_arg, default=("127.0.0.1", 4938),
-                       metavar="TCP_BIND_ADDRESS",
-                       help="[TCP mode] Address to bind to\n[default: 127.0.0.1:4938]")
-    serve.add_argument("--num-workers", type=int_range_arg(1, 65536),
-                       help="Number of worker threads to use. Default is the number of logical "
-                            "CPUs\n(accepted for compatibility; this daemon uses one thread per "
-                            "connection)")
-    serve.add_argument("--gpu-power-poll-hz", type=int_range_arg(1, 1000), default=20,
-                       help="GPU power polling frequency in Hz for the streaming endpoint\n"
-                            "[default: 20]")
-    serve.add_argument("--cpu-power-poll-hz", type=int_range_arg(1, 1000), default=10,
-                       help="CPU RAPL power polling frequency in Hz for the streaming endpoint\n"
-                            "[default: 10]")
-    serve.add_argument("--enable", action="append", nargs="+", metavar="ENABLE",
-                       help="API groups to enable. Each group exposes a set of HTTP endpoints. "
-                            "Groups that\nrequire root will cause the daemon to exit at startup "
-                            "if it is not running as root\n[default: gpu-control gpu-read "
-                            "cpu-read]\n" + GROUP_HELP)
-    serve.add_argument("--signing-key-path",
-                       help="Path to the HMAC-SHA256 signing key file for JWT authentication. "
-                            "If not provided,\nauthentication is disabled")
-    serve.add_argument("--max-connections", type=int_range_arg(1, 1000000), default=1024,
-                       help="Most connections served at once; one more is answered 503\n"
-                            "[default: 1024]")
-    serve.add_argument("--rapl-dir", default=None,
-                       help="RAPL sysfs root [default: %s, or %s if only that exists]"
-                            % RAPL_DIRS)
-
-    token = commands.add_parser("token", help="Token management",
-                                description="Token management")
-    token_commands = token.add_subparsers(dest="token_command", metavar="<COMMAND>",
-                                          title="commands")
-    token_commands.required = True
-    issue = token_commands.add_parser("issue", help="Issue a new JWT token for a user",
-                                      description="Issue a new JWT token for a user",
-                                      formatter_class=fmt)
-    issue.add_argument("--signing-key-path", required=True,
-                       help="Path to the HMAC-SHA256 signing key file")
-    issue.add_argument("--user", required=True,
-                       help="User identity to embed in the token (the `sub` claim)")
-    issue.add_argument("--scope", action="append", default=[],
-                       help="API group scopes to grant. Comma-separated\n" + GROUP_HELP)
-    issue.add_argument("--expires", required=True, type=duration_arg,
-                       help='Token lifetime. Human-readable duration (e.g., "1h", "7d", "30d"). '
-                            'Use "never"\nfor tokens that do not expire')
-    return parser
-
-
-# ---- Logging: one line per event on stderr, level from ZEUSD_LOG ----
+# ---- Logging: one line per event on stderr, level from ZEUSD_LOG, client text escaped ----
 
 LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
               "warn": logging.WARNING, "error": logging.ERROR}
+UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def escape_unprintable(text):
+    """text with control characters as \\xNN escapes, so that it stays on one line."""
+    if text.isprintable():
+        return text
+    return UNPRINTABLE.sub(escape_character, text)
+
+
+def escape_character(match):
+    code = ord(match.group())
+    return "\\x%02x" % code if code < 0x100 else "\\u%04x" % code
+
+
+class LineFormatter(logging.Formatter):
+    """`time LEVEL message`, the message escaped so that nothing in it can start a new line."""
+
+    def format(self, record):
+        line = "%s %s %s" % (self.formatTime(record), record.levelname,
+                             escape_unprintable(record.getMessage()))
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
 
 
 def setup_logging():
     level_name = os.environ.get("ZEUSD_LOG", "info").strip().lower()
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    handler.setFormatter(LineFormatter())
     log.addHandler(handler)
     log.setLevel(LOG_LEVELS.get(level_name, logging.INFO))
     log.propagate = False
@@ -245,42 +154,50 @@ def setup_logging():
                     level_name)
 
 
-# ---- Errors: how a request, a device operation or the startup fails ----
+def flush_logs():
+    for handler in log.handlers:
+        handler.flush()
+
+
+# ---- Errors: how the startup, a device operation or a request fails ----
 
 class StartupError(Exception):
     """A reason the daemon cannot start; main prints it and exits 1."""
 
 
-class HttpError(Exception):
-    """A request that ends in an error status, with its JSON message and extra headers."""
+class DeviceError(Exception):
+    """A device operation that failed. kind says how, for the API to map to a status:
+    invalid-argument, not-supported, no-permission, busy, timeout or failed."""
 
-    def __init__(self, status, message, headers=b""):
+    def __init__(self, kind, message):
+        Exception.__init__(self, message)
+        self.kind = kind
+        self.message = message
+
+
+class HttpError(Exception):
+    """A request that ends in an error status: a JSON {"error": message} with extra headers,
+    as (name, value) pairs."""
+
+    def __init__(self, status, message, headers=()):
         Exception.__init__(self, message)
         self.status = status
         self.message = message
         self.headers = headers
 
 
-class DeviceError(Exception):
-    """A device operation that failed; status is the HTTP status that reports it."""
-
-    def __init__(self, status, message):
-        Exception.__init__(self, message)
-        self.status = status
-        self.message = message
-
-
 # ---- Authentication: HS256 JSON Web Tokens, signing keys, scopes ----
 
 TOKEN_MAX_LENGTH = 8192
 LEEWAY_S = 60
-BASE64URL = re.compile(r"^[A-Za-z0-9_-]*$")
+BASE64URL = re.compile(r"[A-Za-z0-9_-]*")
 OPEN_PATHS = ("/discover", "/time")
+BEARER_CHALLENGE = (("WWW-Authenticate", 'Bearer realm="zeusd"'),)
 Claims = collections.namedtuple("Claims", "sub scopes exp")
 
 
 def unauthorized(message):
-    return HttpError(401, message, b'WWW-Authenticate: Bearer realm="zeusd"\r\n')
+    return HttpError(401, message, BEARER_CHALLENGE)
 
 
 def b64url_encode(data):
@@ -288,9 +205,21 @@ def b64url_encode(data):
 
 
 def b64url_decode(text):
-    if not BASE64URL.match(text) or len(text) % 4 == 1:
+    """The bytes of canonical unpadded base64url: one spelling per value, as signed."""
+    if not BASE64URL.fullmatch(text) or len(text) % 4 == 1:
         raise ValueError("not base64url")
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    if b64url_encode(data) != text:
+        raise ValueError("not canonical base64url")
+    return data
+
+
+def unique_keys(pairs):
+    """A JSON object's dict; a key given twice is refused, as two readers could differ on it."""
+    value = dict(pairs)
+    if len(value) != len(pairs):
+        raise ValueError("duplicate key")
+    return value
 
 
 def load_signing_key(path):
@@ -322,10 +251,12 @@ def issue_token(key, sub, scopes, exp):
 
 
 def decode_segment(segment, what):
+    """A token segment's JSON object; 401 for anything else (deep nesting included)."""
     try:
-        value = json.loads(b64url_decode(segment).decode("utf-8"))
-    except ValueError:
-        raise unauthorized("Invalid token: the %s is not base64url-encoded JSON." % what)
+        value = json.loads(b64url_decode(segment).decode("utf-8"), object_pairs_hook=unique_keys)
+    except (ValueError, RecursionError):
+        raise unauthorized("Invalid token: the %s is not base64url-encoded JSON with distinct "
+                           "keys." % what)
     if not isinstance(value, dict):
         raise unauthorized("Invalid token: the %s is not a JSON object." % what)
     return value
@@ -341,12 +272,12 @@ def verify_token(key, token):
     header = decode_segment(segments[0], "header")
     if header.get("alg") != "HS256":
         raise unauthorized("Invalid token: algorithm %s is not accepted; only HS256 is."
-                           % json.dumps(header.get("alg")))
+                           % json.dumps(header.get("alg"))[:64])
     try:
         signature = b64url_decode(segments[2])
-        claims = decode_segment(segments[1], "payload")
     except ValueError:
-        raise unauthorized("Invalid token: the signature is not base64url.")
+        raise unauthorized("Invalid token: the signature is not canonical base64url.")
+    claims = decode_segment(segments[1], "payload")
     expected = hmac.new(key, (segments[0] + "." + segments[1]).encode("ascii"),
                         hashlib.sha256).digest()
     if not hmac.compare_digest(signature, expected):
@@ -358,37 +289,51 @@ def verify_token(key, token):
         raise unauthorized("Invalid token: claim 'scopes' must be a list of API group names.")
     for scope in scopes:
         if scope not in API_GROUPS:
-            raise unauthorized("Invalid token: unknown scope %s." % json.dumps(scope))
+            raise unauthorized("Invalid token: unknown scope %s." % json.dumps(scope)[:64])
     if exp is not None and (type(exp) is not int or exp < 0):
         raise unauthorized("Invalid token: claim 'exp' must be an integer.")
     return Claims(sub, tuple(scopes), exp)
 
 
-class Authenticator(object):
-    """Checks Authorization headers against the signing key, and token scopes against groups."""
+class Authenticator:
+    """Checks Authorization headers against the signing key, and token scopes against groups.
+
+    The key and the cache of verified tokens are swapped together when SIGHUP reloads the key,
+    so that no token is ever checked against one key and cached under the other.
+    """
 
     CACHE_SIZE = 4096
 
-    def __init__(self, key):
-        self.key = key
-        self.verified = {}
+    def __init__(self, path):
+        self.path = path
+        self.keyring = (load_signing_key(path), {})
+
+    def reload(self):
+        """Re-read the key file; on failure keep the current key and log why."""
+        try:
+            self.keyring = (load_signing_key(self.path), {})
+        except StartupError as err:
+            log.error("SIGHUP: keeping the current signing key: %s", err)
+        else:
+            log.info("SIGHUP: reloaded the signing key from %s", self.path)
 
     def authenticate(self, header):
         """The claims of the request's bearer token; HttpError(401) if it has no valid one."""
         if header is None:
             raise unauthorized("Authentication required. "
                                "Provide an Authorization: Bearer <token> header.")
-        scheme, _, token = header.strip().partition(" ")
+        scheme, _, token = header.strip(" \t").partition(" ")
         if scheme.lower() != "bearer":
             raise unauthorized("Invalid token: the Authorization header must use the Bearer "
                                "scheme.")
-        token = token.strip()
-        claims = self.verified.get(token)
+        token = token.strip(" \t")
+        key, verified = self.keyring
+        claims = verified.get(token)
         if claims is None:
-            claims = verify_token(self.key, token)
-            if len(self.verified) >= self.CACHE_SIZE:
-                self.verified.clear()
-            self.verified[token] = claims
+            claims = verify_token(key, token)
+            if len(verified) >= self.CACHE_SIZE:
+                verified.clear()
+            verified[token] = claims
         if claims.exp is not None and time.time() > claims.exp + LEEWAY_S:
             raise unauthorized("Token has expired.")
         return claims
@@ -404,13 +349,13 @@ class Authenticator(object):
 # ---- Devices, GPUs: the backend interface and its NVML implementation ----
 
 GpuInfo = collections.namedtuple("GpuInfo", "name pci_address cumulative_energy_available")
-NVML_STATUS = {2: 400, 3: 400, 4: 403}  # invalid argument, not supported, no permission
+NVML_KINDS = {2: "invalid-argument", 3: "not-supported", 4: "no-permission"}
 NVML_ABSENT = (9, 12)  # driver not loaded, library not found
 NVML_NOT_SUPPORTED = 3
 NVML_VALUE_FIELDS = ("dVal", "uiVal", "ulVal", "ullVal", "sllVal", "siVal", "usVal")
 
 
-class GpuBackend(object):
+class GpuBackend:
     """The GPU operations the daemon uses, by index into `gpus`. This base has no GPUs."""
 
     gpus = ()
@@ -496,8 +441,8 @@ class NvmlBackend(GpuBackend):
             return function(self.handles[index], *args)
         except self.nvml.NVMLError as err:
             code = getattr(err, "value", None)
-            raise DeviceError(NVML_STATUS.get(code, 500), "%s failed on GPU %d: %s (NVML error %s)"
-                              % (function.__name__, index, err, code))
+            raise DeviceError(NVML_KINDS.get(code, "failed"), "%s failed on GPU %d: %s (NVML "
+                              "error %s)" % (function.__name__, index, err, code))
 
     def power_mw(self, index):
         if self.instant[index]:
@@ -506,7 +451,7 @@ class NvmlBackend(GpuBackend):
                 return int(getattr(value.value, NVML_VALUE_FIELDS[value.valueType]))
             if value.nvmlReturn != NVML_NOT_SUPPORTED:
                 error = self.nvml.NVMLError(value.nvmlReturn)
-                raise DeviceError(NVML_STATUS.get(value.nvmlReturn, 500),
+                raise DeviceError(NVML_KINDS.get(value.nvmlReturn, "failed"),
                                   "instant power read failed on GPU %d: %s (NVML error %d)"
                                   % (index, error, value.nvmlReturn))
             self.instant[index] = False
@@ -515,8 +460,8 @@ class NvmlBackend(GpuBackend):
 
     def energy_mj(self, index):
         if not self.gpus[index].cumulative_energy_available:
-            raise DeviceError(400, "GPU %d has no cumulative energy counter "
-                                   "(nvmlDeviceGetTotalEnergyConsumption is not supported)" % index)
+            raise DeviceError("not-supported", "GPU %d has no cumulative energy counter (nvmlDevice"
+                              "GetTotalEnergyConsumption is not supported)" % index)
         return self._call(self.nvml.nvmlDeviceGetTotalEnergyConsumption, index)
 
     def power_limit_mw(self, index):
@@ -567,7 +512,7 @@ def open_gpu_backend():
 
 # ---- Devices, CPUs: RAPL zones, counters with wraparound, the wraparound guard ----
 
-RAPL_ZONE = re.compile(r"^intel-rapl:([0-9]+)$")
+RAPL_ZONE = re.compile(r"intel-rapl:([0-9]+)")
 RAPL_GUARD_INTERVAL_S = 30.0
 
 
@@ -576,7 +521,7 @@ def read_text(path):
         return text_file.read().strip()
 
 
-class RaplCounter(object):
+class RaplCounter:
     """One energy_uj file, kept open, with its wraparound count; callers hold the package lock."""
 
     def __init__(self, zone_dir):
@@ -598,7 +543,7 @@ class RaplCounter(object):
         return raw + self.wraps * self.max_range
 
 
-class RaplPackage(object):
+class RaplPackage:
     """An intel-rapl:N zone (a CPU package, or psys) and its DRAM subzone, under one lock."""
 
     def __init__(self, index, name, package, dram):
@@ -616,7 +561,8 @@ class RaplPackage(object):
             try:
                 return self.package.read(), (self.dram.read() if self.dram else None)
             except (OSError, ValueError) as err:
-                raise DeviceError(500, "CPU %d: cannot read RAPL energy: %s" % (self.index, err))
+                raise DeviceError("failed", "CPU %d: cannot read RAPL energy: %s"
+                                  % (self.index, err))
 
 
 def discover_rapl(root):
@@ -626,7 +572,7 @@ def discover_rapl(root):
         return []
     packages = []
     for entry in os.listdir(root):
-        match = RAPL_ZONE.match(entry)
+        match = RAPL_ZONE.fullmatch(entry)
         if not match:
             continue
         zone = os.path.join(root, entry)
@@ -654,7 +600,7 @@ def find_dram(zone, entry):
     return None
 
 
-class RaplWrapGuard(object):
+class RaplWrapGuard:
     """Reads each RAPL counter that nobody read for 30 s, so that no wraparound goes unseen."""
 
     def __init__(self, packages):
@@ -679,10 +625,9 @@ class RaplWrapGuard(object):
 # ---- GPU control: one worker thread per GPU, commands run one at a time in arrival order ----
 
 CONTROL_QUEUE_LIMIT = 256
-SEVERITY = {500: 3, 503: 3, 403: 2, 400: 1}
 
 
-class ControlJob(object):
+class ControlJob:
     """One control command for one GPU; `done` is set once it ran, with `error` if it failed."""
 
     __slots__ = ("gpu", "operation", "args", "done", "error")
@@ -700,7 +645,7 @@ class ControlJob(object):
         except DeviceError as err:
             self.error = err
         except Exception as err:
-            self.error = DeviceError(500, "%s failed on GPU %d: %s"
+            self.error = DeviceError("failed", "%s failed on GPU %d: %s"
                                      % (self.operation, self.gpu, err))
         if self.error is not None:
             log.error("GPU %d: %s%r failed: %s", self.gpu, self.operation, self.args,
@@ -708,7 +653,7 @@ class ControlJob(object):
         self.done.set()
 
 
-class GpuControl(object):
+class GpuControl:
     """Per-GPU command queues and their worker threads."""
 
     def __init__(self, backend):
@@ -724,8 +669,8 @@ class GpuControl(object):
         with self.lock:
             for index in ids:
                 if self.queues[index].qsize() >= CONTROL_QUEUE_LIMIT:
-                    raise HttpError(503, "GPU %d has %d control commands queued; try again later."
-                                    % (index, CONTROL_QUEUE_LIMIT))
+                    raise DeviceError("busy", "GPU %d has %d control commands queued; try again "
+                                              "later." % (index, CONTROL_QUEUE_LIMIT))
             jobs = [ControlJob(index, operation, args) for index in ids]
             for job in jobs:
                 self.queues[job.gpu].put(job)
@@ -743,7 +688,7 @@ MAX_STREAM_BACKLOG = 65536
 SSE_KEEPALIVE = b": keep-alive\n\n"
 
 
-class Sample(object):
+class Sample:
     """One reading of every device of a kind, rendered once per distinct selection of ids."""
 
     __slots__ = ("timestamp_ms", "taken", "values", "render_value", "renders")
@@ -768,7 +713,7 @@ class Sample(object):
         return rendered
 
 
-class FailureLog(object):
+class FailureLog:
     """Logs a device's read failures once per run of failures, and its recovery."""
 
     def __init__(self, kind):
@@ -787,7 +732,7 @@ class FailureLog(object):
             log.info("%s %d: reads work again", self.kind, index)
 
 
-class GpuPowerMeter(object):
+class GpuPowerMeter:
     """Reads every GPU's power; a GPU whose read fails keeps its last value."""
 
     def __init__(self, backend):
@@ -816,7 +761,7 @@ def render_gpu_power(milliwatts):
     return str(milliwatts)
 
 
-class CpuPowerMeter(object):
+class CpuPowerMeter:
     """CPU and DRAM power: RAPL energy deltas over the measured time between two reads."""
 
     def __init__(self, packages, period):
@@ -861,7 +806,7 @@ def render_cpu_power(value):
     return '{"cpu_mw": %d, "dram_mw": %s}' % (value[0], "null" if value[1] is None else value[1])
 
 
-class StreamSubscriber(object):
+class StreamSubscriber:
     """An open SSE connection, written to by its sampler's thread without blocking."""
 
     __slots__ = ("sock", "ids", "last_values", "last_write", "pending", "closed")
@@ -908,7 +853,7 @@ class StreamSubscriber(object):
                 pass
 
 
-class Sampler(object):
+class Sampler:
     """Reads all devices of one kind at a fixed rate while anyone subscribes; broadcasts samples.
 
     With no subscriber its thread sleeps on a condition and makes no device call. Each sample
@@ -1044,7 +989,7 @@ class Sampler(object):
 
 # ---- Node: the devices, samplers and control workers that the enabled groups need ----
 
-class Node(object):
+class Node:
     """Everything the API reads or drives on this machine."""
 
     def __init__(self, groups, gpu_hz, cpu_hz, rapl_dir):
@@ -1056,7 +1001,7 @@ class Node(object):
             self.cpus = discover_rapl(rapl_dir)
         self.gpu_ids = tuple(range(len(self.gpu.gpus)))
         self.cpu_ids = tuple(package.index for package in self.cpus)
-        self.cpu_by_id = dict((package.index, package) for package in self.cpus)
+        self.cpu_by_id = {package.index: package for package in self.cpus}
         self.control = GpuControl(self.gpu) if "gpu-control" in groups else None
         self.gpu_sampler = Sampler("gpu", gpu_hz, GpuPowerMeter(self.gpu), render_gpu_power)
         self.cpu_sampler = Sampler("cpu", cpu_hz, CpuPowerMeter(self.cpus, 1.0 / cpu_hz),
@@ -1074,6 +1019,53 @@ class Node(object):
         self.cpu_sampler.stop()
         if self.guard:
             self.guard.stopped.set()
+
+
+# ---- HTTP, replies: the one reply type, and how device errors map to statuses ----
+
+DEVICE_STATUS = {"invalid-argument": 400, "not-supported": 400, "no-permission": 403,
+                 "busy": 503, "timeout": 503, "failed": 500}
+SEVERITY = {500: 3, 503: 3, 403: 2, 400: 1}
+
+
+class Reply:
+    """A complete answer: status, body (JSON unless a Content-Type header says otherwise) and
+    extra headers as (name, value) pairs. Only the wire layer turns it into bytes."""
+
+    __slots__ = ("status", "body", "headers")
+
+    def __init__(self, status, body=b"", headers=()):
+        self.status = status
+        self.body = body
+        self.headers = headers
+
+
+def json_body(value):
+    return json.dumps(value).encode()
+
+
+def error_body(message):
+    return json_body({"error": message})
+
+
+def error_reply(err):
+    """The Reply for an HttpError or a DeviceError."""
+    if isinstance(err, DeviceError):
+        return Reply(DEVICE_STATUS[err.kind], error_body(err.message))
+    return Reply(err.status, error_body(err.message), err.headers)
+
+
+def errors_reply(errors):
+    """200 with no body, or {"errors": …} for the failed devices under the most severe status."""
+    if not errors:
+        return EMPTY_OK
+    status = max((DEVICE_STATUS[err.kind] for err in errors.values()),
+                 key=lambda s: SEVERITY.get(s, 0))
+    return Reply(status, json_body({"errors": {str(i): err.message
+                                               for i, err in sorted(errors.items())}}))
+
+
+EMPTY_OK = Reply(200)
 
 
 # ---- HTTP, query parameters: strict parsing of booleans, integers and id lists ----
@@ -1100,7 +1092,7 @@ def parse_bool(name, text):
 
 
 def parse_u32(name, text):
-    if not DIGITS.match(text) or int(text) > U32_MAX:
+    if not DIGITS.fullmatch(text) or int(text) > U32_MAX:
         raise bad_request("Invalid value for '%s': expected a non-negative integer below 2^32, "
                           "got '%s'." % (name, shown(text)))
     return int(text)
@@ -1111,7 +1103,7 @@ def parse_ids(name, text):
     ids = []
     for item in text.split(","):
         item = item.strip(" ")
-        if not DIGITS.match(item) or int(item) > U32_MAX:
+        if not DIGITS.fullmatch(item) or int(item) > U32_MAX:
             raise bad_request("Invalid value for '%s': expected comma-separated non-negative "
                               "integers such as 0,1, got '%s'." % (name, shown(text)))
         if int(item) not in ids:
@@ -1140,31 +1132,35 @@ def parse_query(query, spec):
     return args
 
 
+def select_ids(requested, available, kind, list_unknown=False):
+    """The requested ids (all available ones if None); 400 if one does not exist, naming the
+    first (`GPU index 7 does not exist.`) or listing all (`Unknown GPU indices: [7]. …`)."""
+    if requested is None:
+        return available
+    unknown = [i for i in requested if i not in available]
+    if not unknown:
+        return requested
+    if list_unknown:
+        raise bad_request("Unknown %s indices: [%s]. Available: [%s]" % (
+            kind, ", ".join(map(str, unknown)), ", ".join(map(str, available))))
+    raise bad_request("%s index %d does not exist." % (kind, unknown[0]))
+
+
 # ---- HTTP, API: routes and their handlers, behind group gating, auth and method checks ----
 
+Request = collections.namedtuple("Request", "method path query version headers")
 Route = collections.namedtuple("Route", "group method params handler")
 Stream = collections.namedtuple("Stream", "sampler ids")
 IDS = (parse_ids, False)
 REQUIRED_IDS = (parse_ids, True)
 BOOL = (parse_bool, True)
 U32 = (parse_u32, True)
+INTERNAL_ERROR = Reply(500, error_body("Internal server error; see the daemon's log."))
 
 
-def json_body(value):
-    return json.dumps(value).encode()
-
-
-def errors_reply(errors):
-    """200 with no body, or {"errors": …} for the failed devices under the most severe status."""
-    if not errors:
-        return 200, b""
-    status = max((err.status for err in errors.values()), key=lambda s: SEVERITY.get(s, 0))
-    return status, json_body({"errors": dict((str(i), err.message)
-                                             for i, err in sorted(errors.items()))})
-
-
-class Api(object):
-    """Resolves a request to a route (group gate, auth, method) and runs its handler."""
+class Api:
+    """Answers a parsed request: route, group gate, auth and scope, method, parameters,
+    handler, in that order; every failure becomes an error Reply."""
 
     def __init__(self, node, groups, authenticator):
         self.node = node
@@ -1180,7 +1176,7 @@ class Api(object):
         if authenticator is None:
             del self.routes["/auth/whoami"]
             self.disabled["/auth/whoami"] = "Authentication is not enabled on this server."
-        self.discover_body = json_body(self.discovery())
+        self.discover_reply = Reply(200, json_body(self.discovery()))
 
     def all_routes(self):
         gpu_ids, ctl = {"gpu_ids": IDS}, {"gpu_ids": REQUIRED_IDS, "block": BOOL}
@@ -1239,77 +1235,80 @@ class Api(object):
                       "dram_available": package.dram is not None} for package in node.cpus],
         }
 
-    def authenticate(self, path, headers):
+    def handle(self, request):
+        """(a Reply or a Stream, the token's user or None) for a parsed request."""
+        claims = None
+        try:
+            claims = self.authenticate(request)
+            route = self.route(request, claims)
+            args = parse_query(request.query, route.params) if route.params is not None else None
+            result = route.handler(args, claims)
+        except (HttpError, DeviceError) as err:
+            result = error_reply(err)
+        except Exception:
+            log.exception("internal error answering %s %s", request.method, shown(request.path))
+            result = INTERNAL_ERROR
+        return result, claims.sub if claims is not None else None
+
+    def authenticate(self, request):
         """The token's claims (None without auth or on open paths), after the group gate."""
-        message = self.disabled.get(path)
+        message = self.disabled.get(request.path)
         if message is not None:
             raise HttpError(404, message)
-        if self.auth is None or path in OPEN_PATHS:
+        if self.auth is None or request.path in OPEN_PATHS:
             return None
-        return self.auth.authenticate(headers.get("authorization"))
+        return self.auth.authenticate(request.headers.get("authorization"))
 
-    def route(self, method, path, claims):
+    def route(self, request, claims):
         """The route for an authenticated request, after the scope and method checks."""
-        route = self.routes.get(path)
+        route = self.routes.get(request.path)
         if claims is not None and route is not None and route.group is not None:
             self.auth.authorize(claims, route.group)
         if route is None:
-            raise HttpError(404, "Not found: no endpoint at %s." % shown(path))
-        if method != route.method:
+            raise HttpError(404, "Not found: no endpoint at %s." % shown(request.path))
+        if request.method != route.method:
             raise HttpError(405, "Method %s is not allowed on %s; use %s."
-                            % (method, path, route.method),
-                            b"Allow: " + route.method.encode() + b"\r\n")
+                            % (request.method, request.path, route.method),
+                            (("Allow", route.method),))
         return route
 
-    def run(self, route, query, claims):
-        """The handler's (status, body), or a Stream."""
-        args = parse_query(query, route.params) if route.params is not None else None
-        return route.handler(args, claims)
-
-    # Handlers: each takes the parsed arguments and the token's claims.
+    # Handlers: each takes the parsed arguments and the token's claims, and returns a Reply
+    # or a Stream.
 
     def discover(self, args, claims):
-        return 200, self.discover_body
+        return self.discover_reply
 
     @staticmethod
     def time(args, claims):
-        return 200, b'{"timestamp_ms": %d}' % int(time.time() * 1000)
+        return Reply(200, b'{"timestamp_ms": %d}' % int(time.time() * 1000))
 
     @staticmethod
     def whoami(args, claims):
         body = {"sub": claims.sub, "scopes": list(claims.scopes)}
         if claims.exp is not None:
             body["exp"] = claims.exp
-        return 200, json_body(body)
-
-    def existing_gpus(self, args):
-        """The requested GPU ids (all if none given); 400 naming the first that does not exist."""
-        ids = args.get("gpu_ids") or self.node.gpu_ids
-        for index in ids:
-            if index >= len(self.node.gpu_ids):
-                raise bad_request("GPU index %d does not exist." % index)
-        return ids
+        return Reply(200, json_body(body))
 
     def control(self, operation, *arg_names):
         def handler(args, claims):
-            ids = self.existing_gpus(args)
+            ids = select_ids(args["gpu_ids"], self.node.gpu_ids, "GPU")
             jobs = self.node.control.submit(ids, operation, tuple(args[n] for n in arg_names))
             if not args["block"]:
-                return 200, b""
+                return EMPTY_OK
             for job in jobs:
                 job.done.wait()
-            return errors_reply(dict((job.gpu, job.error) for job in jobs if job.error))
+            return errors_reply({job.gpu: job.error for job in jobs if job.error})
         return handler
 
     def gpu_read(self, read):
         def handler(args, claims):
             results, errors = {}, {}
-            for index in self.existing_gpus(args):
+            for index in select_ids(args.get("gpu_ids"), self.node.gpu_ids, "GPU"):
                 try:
                     results[str(index)] = read(self.node.gpu, index)
                 except DeviceError as err:
                     errors[index] = err
-            return errors_reply(errors) if errors else (200, json_body(results))
+            return errors_reply(errors) if errors else Reply(200, json_body(results))
         return handler
 
     @staticmethod
@@ -1317,43 +1316,28 @@ class Api(object):
         low, high = backend.power_limit_constraints_mw(index)
         return {"min_power_limit_mw": low, "max_power_limit_mw": high}
 
-    @staticmethod
-    def known(ids, available, kind):
-        """ids, all of which must be in available; 400 listing the unknown ones otherwise."""
-        if ids is None:
-            return available
-        unknown = [i for i in ids if i not in available]
-        if unknown:
-            raise bad_request("Unknown %s indices: [%s]. Available: [%s]" % (
-                kind, ", ".join(map(str, unknown)), ", ".join(map(str, available))))
-        return ids
-
     def gpu_power(self, args, claims):
-        ids = self.known(args.get("gpu_ids"), self.node.gpu_ids, "GPU")
-        return 200, self.node.gpu_sampler.current().render(ids)[1]
+        ids = select_ids(args.get("gpu_ids"), self.node.gpu_ids, "GPU", list_unknown=True)
+        return Reply(200, self.node.gpu_sampler.current().render(ids)[1])
 
     def gpu_stream(self, args, claims):
-        return Stream(self.node.gpu_sampler, self.known(args.get("gpu_ids"), self.node.gpu_ids,
-                                                        "GPU"))
+        return Stream(self.node.gpu_sampler, select_ids(args.get("gpu_ids"), self.node.gpu_ids,
+                                                        "GPU", list_unknown=True))
 
     def cpu_power(self, args, claims):
-        ids = self.known(args.get("cpu_ids"), self.node.cpu_ids, "CPU")
+        ids = select_ids(args.get("cpu_ids"), self.node.cpu_ids, "CPU", list_unknown=True)
         sample = self.node.cpu_sampler.current()
         if sample is None:
             raise HttpError(503, "No CPU power sample is available; try again.")
-        return 200, sample.render(ids)[1]
+        return Reply(200, sample.render(ids)[1])
 
     def cpu_stream(self, args, claims):
-        return Stream(self.node.cpu_sampler, self.known(args.get("cpu_ids"), self.node.cpu_ids,
-                                                        "CPU"))
+        return Stream(self.node.cpu_sampler, select_ids(args.get("cpu_ids"), self.node.cpu_ids,
+                                                        "CPU", list_unknown=True))
 
     def cpu_energy(self, args, claims):
-        ids = args.get("cpu_ids") or self.node.cpu_ids
-        for index in ids:
-            if index not in self.node.cpu_by_id:
-                raise bad_request("CPU index %d does not exist." % index)
         results, errors = {}, {}
-        for index in ids:
+        for index in select_ids(args.get("cpu_ids"), self.node.cpu_ids, "CPU"):
             cpu = dram = None
             if args["cpu"] or args["dram"]:
                 try:
@@ -1363,10 +1347,10 @@ class Api(object):
                     continue
             results[str(index)] = {"cpu_energy_uj": cpu if args["cpu"] else None,
                                    "dram_energy_uj": dram if args["dram"] else None}
-        return errors_reply(errors) if errors else (200, json_body(results))
+        return errors_reply(errors) if errors else Reply(200, json_body(results))
 
 
-# ---- HTTP, wire: reading requests within limits, draining bodies, writing responses ----
+# ---- HTTP, wire: strict request framing within limits, replies as bytes, streams ----
 
 IDLE_TIMEOUT_S = 60.0
 HEADER_TIMEOUT_S = 10.0
@@ -1375,43 +1359,222 @@ MAX_REQUEST_LINE = 8192
 MAX_HEADER_BYTES = 65536
 MAX_HEADER_LINES = 100
 MAX_BODY = 65536
+MAX_CHUNK_LINE = 1024
 LINGER_S = 2.0
 MAX_LINGER_BYTES = 1 << 20
-REJECT_WAIT_S = 0.1
-ACCEPT_POLL_S = 0.1  # how soon the accept loop notices a shutdown
-METHOD = re.compile(rb"^[A-Z]{1,20}$")
-TARGET = re.compile(rb"^[\x21-\x7e\x80-\xff]+$")  # no spaces or control characters
-CONTENT_LENGTH = re.compile(r"^[0-9]{1,18}$")
-HEX = re.compile(rb"^[0-9A-Fa-f]{1,8}$")
-REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
-           404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
-           413: "Content Too Large", 414: "URI Too Long", 431: "Request Header Fields Too Large",
-           500: "Internal Server Error", 503: "Service Unavailable",
-           505: "HTTP Version Not Supported"}
-STATUS_LINES = dict((code, ("HTTP/1.1 %d %s\r\n" % (code, reason)).encode())
-                    for code, reason in REASONS.items())
+METHOD = re.compile(rb"[A-Z]{1,20}")
+TARGET = re.compile(rb"[\x21-\x7e\x80-\xff]+")  # no spaces or control characters
+VERSION = re.compile(rb"HTTP/[0-9]\.[0-9]")
+FIELD_NAME = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token
+FIELD_VALUE_FORBIDDEN = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # CR, LF, NUL, other controls
+CONTENT_LENGTH = re.compile(r"[0-9]{1,18}")
+CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,8}")
+REASONS = {100: "Continue", 200: "OK", 400: "Bad Request", 401: "Unauthorized",
+           403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
+           408: "Request Timeout", 413: "Content Too Large", 414: "URI Too Long",
+           431: "Request Header Fields Too Large", 500: "Internal Server Error",
+           503: "Service Unavailable", 505: "HTTP Version Not Supported"}
+STATUS_LINES = {code: ("HTTP/1.1 %d %s\r\n" % (code, reason)).encode()
+                for code, reason in REASONS.items()}
+SERVER_HEADER = ("Server: zeusd-py/%s\r\n" % __version__).encode()
 JSON_TYPE = b"Content-Type: application/json\r\n"
 CLOSE = b"Connection: close\r\n"
 KEEP_ALIVE = b"Connection: keep-alive\r\n"
-SSE_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
-            b"Connection: close\r\n\r\n")
+CONTINUE = STATUS_LINES[100] + b"\r\n"
+SSE_HEAD = (STATUS_LINES[200] + SERVER_HEADER + b"Content-Type: text/event-stream\r\n"
+            b"Cache-Control: no-cache\r\nConnection: close\r\n\r\n")
 
 
 class ConnectionClosed(Exception):
     """The client closed the connection (or sent nothing while idle)."""
 
 
-def error_body(message):
-    return json_body({"error": message})
+def reply_bytes(reply, connection=b"", head_only=False):
+    """A Reply's status line, headers and body, to go out in one write."""
+    body, headers = reply.body, reply.headers
+    extra = b"".join(b"%s: %s\r\n" % (name.encode("latin-1"), value.encode("latin-1"))
+                     for name, value in headers) if headers else b""
+    typed = body and not any(name.lower() == "content-type" for name, _ in headers)
+    head = b"%s%s%sContent-Length: %d\r\n%s%s\r\n" % (
+        STATUS_LINES[reply.status], SERVER_HEADER, JSON_TYPE if typed else b"", len(body),
+        extra, connection)
+    return head if head_only else head + body
 
 
-def response_bytes(status, body, headers=b""):
-    """Status line, headers and body, to go out in one write."""
-    return b"%s%sContent-Length: %d\r\n%s\r\n%s" % (
-        STATUS_LINES[status], JSON_TYPE if body else b"", len(body), headers, body)
+TOO_MANY_CONNECTIONS = reply_bytes(Reply(503, error_body("Too many connections")), CLOSE)
 
 
-TOO_MANY_CONNECTIONS = response_bytes(503, error_body("Too many connections"), CLOSE)
+def parse_head(head):
+    """A Request from a head (request line and header lines, without the empty line)."""
+    lines = head.split(b"\n")
+    for index, line in enumerate(lines):
+        if line.endswith(b"\r"):
+            lines[index] = line = line[:-1]
+        if b"\r" in line:
+            raise HttpError(400, "Malformed request: a bare CR inside a line.")
+    parts = lines[0].split(b" ")
+    if len(parts) != 3 or not METHOD.fullmatch(parts[0]) or not TARGET.fullmatch(parts[1]) \
+            or not VERSION.fullmatch(parts[2]):
+        raise HttpError(400, "Malformed request line.")
+    method, target, version = parts
+    if version not in (b"HTTP/1.1", b"HTTP/1.0"):
+        raise HttpError(505, "Only HTTP/1.1 and HTTP/1.0 are supported.")
+    if len(lines) - 1 > MAX_HEADER_LINES:
+        raise HttpError(431, "Too many header lines (limit %d)." % MAX_HEADER_LINES)
+    headers = {}
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        if not colon or not FIELD_NAME.fullmatch(name):
+            raise HttpError(400, "Malformed header line (obsolete line folding, or a name with "
+                                 "whitespace or other characters not allowed in a name).")
+        value = value.strip(b" \t")
+        if FIELD_VALUE_FORBIDDEN.search(value):
+            raise HttpError(400, "Malformed header line: control character in a value.")
+        key, text = name.decode("ascii").lower(), value.decode("latin-1")
+        if key not in headers:
+            headers[key] = text
+        elif key == "content-length":
+            if headers[key] != text:
+                raise HttpError(400, "Conflicting Content-Length headers.")
+        else:
+            headers[key] += ", " + text
+    path, query = split_target(target.decode("latin-1"))
+    return Request(method.decode("ascii"), path, query, version, headers)
+
+
+def split_target(target):
+    """(path, query) of an origin-form or absolute-form request target."""
+    if not target.startswith("/") and "://" in target:
+        target = "/" + target.partition("://")[2].partition("/")[2]
+    path, _, query = target.partition("?")
+    return path, query
+
+
+def end_of_head(buffer):
+    """(end of the head, start of what follows) at the first empty line, or None."""
+    bare = buffer.find(b"\n\n")
+    crlf = buffer.find(b"\n\r\n")
+    if bare < 0 and crlf < 0:
+        return None
+    if crlf < 0 or 0 <= bare < crlf:
+        return bare, bare + 2
+    return crlf, crlf + 3
+
+
+def wants_keep_alive(request):
+    tokens = request.headers.get("connection", "").lower()
+    if request.version == b"HTTP/1.1":
+        return "close" not in tokens
+    return "keep-alive" in tokens
+
+
+class RequestReader:
+    """Reads requests off one connection: the head at its first empty line, then the body
+    (Content-Length or chunked), discarded; HttpError for anything malformed or over a limit."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.buffer = b""
+
+    def next_request(self):
+        """The next Request, its body consumed; ConnectionClosed if the client goes or idles."""
+        request = parse_head(self.read_head())
+        self.drain_body(request.headers)
+        return request
+
+    def receive(self, deadline):
+        """Append what the client sends next to the buffer; 408 once the deadline passes."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise HttpError(408, "Request not received in time (%d s)." % HEADER_TIMEOUT_S)
+        self.sock.settimeout(remaining)
+        try:
+            chunk = self.sock.recv(65536)
+        except socket.timeout:
+            raise HttpError(408, "Request not received in time (%d s)." % HEADER_TIMEOUT_S)
+        if not chunk:
+            raise ConnectionClosed()
+        self.buffer += chunk
+
+    def read_head(self):
+        if not self.buffer.lstrip(b"\r\n"):
+            self.sock.settimeout(IDLE_TIMEOUT_S)
+            try:
+                self.buffer = self.sock.recv(65536)
+            except socket.timeout:
+                raise ConnectionClosed()
+            if not self.buffer:
+                raise ConnectionClosed()
+        deadline = time.monotonic() + HEADER_TIMEOUT_S
+        while True:
+            buffer = self.buffer = self.buffer.lstrip(b"\r\n")
+            line_end = buffer.find(b"\n")
+            if line_end > MAX_REQUEST_LINE or (line_end < 0 and len(buffer) > MAX_REQUEST_LINE):
+                raise HttpError(414, "Request line longer than %d bytes." % MAX_REQUEST_LINE)
+            end = end_of_head(buffer)
+            header_bytes = (end[0] if end else len(buffer)) - max(line_end, 0)
+            if header_bytes > MAX_HEADER_BYTES:
+                raise HttpError(431, "Request headers larger than %d bytes." % MAX_HEADER_BYTES)
+            if end:
+                self.buffer = buffer[end[1]:]
+                return buffer[:end[0]]
+            self.receive(deadline)
+
+    def take(self, count, deadline):
+        while len(self.buffer) < count:
+            self.receive(deadline)
+        data, self.buffer = self.buffer[:count], self.buffer[count:]
+        return data
+
+    def take_line(self, deadline):
+        while b"\n" not in self.buffer[:MAX_CHUNK_LINE]:
+            if len(self.buffer) >= MAX_CHUNK_LINE:
+                raise HttpError(400, "Malformed chunked body: a line longer than %d bytes."
+                                % MAX_CHUNK_LINE)
+            self.receive(deadline)
+        line, _, self.buffer = self.buffer.partition(b"\n")
+        return line[:-1] if line.endswith(b"\r") else line
+
+    def drain_body(self, headers):
+        """Read and discard the request body (at most 64 KiB)."""
+        length, encoding = headers.get("content-length"), headers.get("transfer-encoding")
+        deadline = time.monotonic() + HEADER_TIMEOUT_S
+        if encoding is not None:
+            if length is not None:
+                raise HttpError(400, "Content-Length and Transfer-Encoding together.")
+            if encoding.lower() != "chunked":
+                raise HttpError(400, "Unsupported transfer coding: only chunked.")
+            self.expect_continue(headers)
+            self.drain_chunks(deadline)
+        elif length is not None:
+            if not CONTENT_LENGTH.fullmatch(length):
+                raise HttpError(400, "Invalid Content-Length.")
+            if int(length) > MAX_BODY:
+                raise HttpError(413, "Request body larger than %d bytes." % MAX_BODY)
+            if int(length):
+                self.expect_continue(headers)
+                self.take(int(length), deadline)
+
+    def drain_chunks(self, deadline):
+        total = 0
+        while True:
+            size_text = self.take_line(deadline).split(b";")[0].strip(b" \t")
+            if not CHUNK_SIZE.fullmatch(size_text):
+                raise HttpError(400, "Malformed chunked body: bad chunk size.")
+            size = int(size_text, 16)
+            total += size
+            if total > MAX_BODY:
+                raise HttpError(413, "Request body larger than %d bytes." % MAX_BODY)
+            if size == 0:
+                while self.take_line(deadline):
+                    pass
+                return
+            if self.take(size + 2, deadline)[size:] != b"\r\n":
+                raise HttpError(400, "Malformed chunked body: chunk data not followed by CRLF.")
+
+    def expect_continue(self, headers):
+        if headers.get("expect", "").lower() == "100-continue":
+            self.sock.sendall(CONTINUE)
 
 
 def linger(sock):
@@ -1431,51 +1594,13 @@ def linger(sock):
         pass
 
 
-def parse_head(head):
-    """(method, target, version, headers) from a request head without its blank line."""
-    lines = head.split(b"\n")
-    parts = lines[0].rstrip(b"\r").split(b" ")
-    if len(parts) != 3 or not METHOD.match(parts[0]) or not TARGET.match(parts[1]):
-        raise HttpError(400, "Malformed request line.")
-    method, target, version = parts
-    if version not in (b"HTTP/1.1", b"HTTP/1.0"):
-        if re.match(rb"^HTTP/[0-9]\.[0-9]$", version):
-            raise HttpError(505, "Only HTTP/1.1 and HTTP/1.0 are supported.")
-        raise HttpError(400, "Malformed request line.")
-    if len(lines) - 1 > MAX_HEADER_LINES:
-        raise HttpError(431, "Too many header lines (limit %d)." % MAX_HEADER_LINES)
-    headers = {}
-    for raw in lines[1:]:
-        name, colon, value = raw.rstrip(b"\r").partition(b":")
-        if not colon or not name or name != name.strip():
-            raise HttpError(400, "Malformed header line.")
-        key = name.decode("latin-1").lower()
-        value = value.strip().decode("latin-1")
-        headers[key] = headers[key] + ", " + value if key in headers else value
-    return method.decode("ascii"), target.decode("latin-1"), version, headers
-
-
-def split_target(target):
-    """(path, query) of an origin-form or absolute-form request target."""
-    if not target.startswith("/") and "://" in target:
-        target = "/" + target.partition("://")[2].partition("/")[2]
-    path, _, query = target.partition("?")
-    return path, query
-
-
-def wants_keep_alive(version, headers):
-    tokens = headers.get("connection", "").lower()
-    if version == b"HTTP/1.1":
-        return "close" not in tokens
-    return "keep-alive" in tokens
-
-
 class HttpConnection(socketserver.BaseRequestHandler):
-    """One client connection: reads requests in turn and answers each in one write."""
+    """One client connection: reads requests in turn, has the API answer each, and writes each
+    answer in one write (or streams it)."""
 
     def setup(self):
         self.sock = self.request
-        self.buffer = b""
+        self.reader = RequestReader(self.sock)
         self.api = self.server.api
         if self.sock.family != socket.AF_UNIX:
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -1490,146 +1615,28 @@ class HttpConnection(socketserver.BaseRequestHandler):
     def serve_one(self):
         """Read and answer one request; False when the connection is to be closed."""
         try:
-            head = self.read_head()
-            started = time.monotonic()
-            method, target, version, headers = parse_head(head)
-            self.drain_body(headers)
+            request = self.reader.next_request()
         except HttpError as err:
-            self.sock.sendall(response_bytes(err.status, error_body(err.message),
-                                             err.headers + CLOSE))
+            self.sock.sendall(reply_bytes(error_reply(err), CLOSE))
             log.info("- - %d (%s)", err.status, err.message)
             linger(self.sock)
             return False
-        keep_alive = wants_keep_alive(version, headers)
-        path, query = split_target(target)
-        result, user = self.dispatch(method, path, query, headers)
+        started = time.monotonic()
+        result, user = self.api.handle(request)
         if isinstance(result, Stream):
             self.stream(result)
             status, keep_alive = 200, False
         else:
-            status = result[0]
-            self.reply(method, version, keep_alive, result)
+            status, keep_alive = result.status, wants_keep_alive(request)
+            if not keep_alive:
+                connection = CLOSE
+            else:
+                connection = KEEP_ALIVE if request.version == b"HTTP/1.0" else b""
+            self.sock.sendall(reply_bytes(result, connection, request.method == "HEAD"))
         if log.isEnabledFor(logging.INFO):
-            log.info("%s %s %d %.2fms%s", method, shown(path), status,
+            log.info("%s %s %d %.2fms%s", request.method, shown(request.path), status,
                      (time.monotonic() - started) * 1000, " user=" + user if user else "")
         return keep_alive
-
-    def dispatch(self, method, path, query, headers):
-        """(the API's (status, body[, headers]) or Stream, the token's user or None)."""
-        user = None
-        try:
-            claims = self.api.authenticate(path, headers)
-            if claims is not None:
-                user = claims.sub
-            return self.api.run(self.api.route(method, path, claims), query, claims), user
-        except HttpError as err:
-            return (err.status, error_body(err.message), err.headers), user
-        except DeviceError as err:
-            return (err.status, error_body(err.message)), user
-        except Exception:
-            log.exception("internal error answering %s %s", method, shown(path))
-            return (500, error_body("Internal server error; see the daemon's log.")), user
-
-    def reply(self, method, version, keep_alive, result):
-        """Send a (status, body[, headers]) answer in one write; no body for HEAD."""
-        status, body = result[0], result[1]
-        headers = result[2] if len(result) > 2 else b""
-        if not keep_alive:
-            headers += CLOSE
-        elif version == b"HTTP/1.0":
-            headers += KEEP_ALIVE
-        data = response_bytes(status, body, headers)
-        self.sock.sendall(data[:len(data) - len(body)] if method == "HEAD" else data)
-
-    def receive(self, deadline):
-        """Append what the client sends next to the buffer; 408 once the deadline passes."""
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise HttpError(408, "Request not received in time (%d s)." % HEADER_TIMEOUT_S)
-        self.sock.settimeout(remaining)
-        try:
-            chunk = self.sock.recv(65536)
-        except socket.timeout:
-            raise HttpError(408, "Request not received in time (%d s)." % HEADER_TIMEOUT_S)
-        if not chunk:
-            raise ConnectionClosed()
-        self.buffer += chunk
-
-    def read_head(self):
-        """The next request's line and headers; ConnectionClosed if the client goes or idles."""
-        if not self.buffer.lstrip(b"\r\n"):
-            self.sock.settimeout(IDLE_TIMEOUT_S)
-            try:
-                self.buffer = self.sock.recv(65536)
-            except socket.timeout:
-                raise ConnectionClosed()
-            if not self.buffer:
-                raise ConnectionClosed()
-        deadline = time.monotonic() + HEADER_TIMEOUT_S
-        while True:
-            self.buffer = self.buffer.lstrip(b"\r\n")
-            buffer = self.buffer
-            end = buffer.find(b"\r\n\r\n")
-            bare_end = buffer.find(b"\n\n")
-            line_end = buffer.find(b"\n")
-            if line_end > MAX_REQUEST_LINE or (line_end < 0 and len(buffer) > MAX_REQUEST_LINE):
-                raise HttpError(414, "Request line longer than %d bytes." % MAX_REQUEST_LINE)
-            if end < 0 or 0 <= bare_end < end:
-                end, skip = bare_end, 2
-            else:
-                skip = 4
-            header_bytes = (end if end >= 0 else len(buffer)) - max(line_end, 0)
-            if header_bytes > MAX_HEADER_BYTES:
-                raise HttpError(431, "Request headers larger than %d bytes." % MAX_HEADER_BYTES)
-            if end >= 0:
-                self.buffer = buffer[end + skip:]
-                return buffer[:end]
-            self.receive(deadline)
-
-    def take(self, count, deadline):
-        while len(self.buffer) < count:
-            self.receive(deadline)
-        data, self.buffer = self.buffer[:count], self.buffer[count:]
-        return data
-
-    def take_line(self, deadline):
-        while b"\n" not in self.buffer[:1024]:
-            if len(self.buffer) >= 1024:
-                raise HttpError(400, "Malformed chunked body.")
-            self.receive(deadline)
-        line, _, self.buffer = self.buffer.partition(b"\n")
-        return line.rstrip(b"\r")
-
-    def drain_body(self, headers):
-        """Read and discard the request body (at most 64 KiB)."""
-        length, encoding = headers.get("content-length"), headers.get("transfer-encoding")
-        deadline = time.monotonic() + HEADER_TIMEOUT_S
-        if encoding is not None:
-            if length is not None or encoding.lower() != "chunked":
-                raise HttpError(400, "Unsupported body framing: only Content-Length or "
-                                     "Transfer-Encoding: chunked.")
-            total = 0
-            while True:
-                size_text = self.take_line(deadline).split(b";")[0].strip()
-                if not HEX.match(size_text):
-                    raise HttpError(400, "Malformed chunked body.")
-                size = int(size_text, 16)
-                total += size
-                if total > MAX_BODY:
-                    raise HttpError(413, "Request body larger than %d bytes." % MAX_BODY)
-                if size == 0:
-                    while self.take_line(deadline):
-                        pass
-                    return
-                self.take(size + 2, deadline)
-        if length is not None:
-            if not CONTENT_LENGTH.match(length):
-                raise HttpError(400, "Invalid Content-Length.")
-            if int(length) > MAX_BODY:
-                raise HttpError(413, "Request body larger than %d bytes." % MAX_BODY)
-            if int(length) and headers.get("expect", "").lower() == "100-continue":
-                self.sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
-            self.take(int(length), deadline)
 
     def stream(self, stream):
         """Server-Sent Events: the current values, then every change, until either side ends.
@@ -1663,8 +1670,78 @@ class HttpConnection(socketserver.BaseRequestHandler):
 
 # ---- Servers: TCP and Unix-socket listeners, one thread per connection, a connection cap ----
 
+ACCEPT_POLL_S = 0.1  # how soon the accept loop notices a shutdown
+OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+ACCEPT_BACKOFF_S = 0.1
+REJECT_LINGER_S = 1.0
+MAX_REJECTED_PENDING = 1024
+FILE_LIMIT_HEADROOM = 64 + MAX_REJECTED_PENDING
+
+
+class Rejecter:
+    """Answers connections beyond the cap without a thread each and without delaying the
+    accept loop: the 503 goes out at once (non-blocking), then one thread drains what each
+    client still sends (epoll, any descriptor number) for a moment, so that it reads the 503
+    rather than a reset, and closes it."""
+
+    def __init__(self):
+        self.epoll = select.epoll()
+        self.pending = collections.OrderedDict()  # fd -> (socket, deadline), oldest first
+        self.lock = threading.Lock()
+        self.arrived = threading.Condition(self.lock)
+        self.thread = threading.Thread(target=self.run, name="rejecter", daemon=True)
+
+    def reject(self, sock):
+        try:
+            sock.setblocking(False)
+            sock.send(TOO_MANY_CONNECTIONS)
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            sock.close()
+            return
+        with self.lock:
+            if len(self.pending) >= MAX_REJECTED_PENDING:
+                self.forget(next(iter(self.pending)))
+            fd = sock.fileno()
+            self.pending[fd] = (sock, time.monotonic() + REJECT_LINGER_S)
+            self.epoll.register(fd, select.EPOLLIN)
+            self.arrived.notify()
+
+    def forget(self, fd):
+        """Close a pending connection (the caller holds the lock)."""
+        sock, _ = self.pending.pop(fd)
+        self.epoll.unregister(fd)
+        sock.close()
+
+    def run(self):
+        while True:
+            with self.lock:
+                while not self.pending:
+                    self.arrived.wait()
+                wait = max(0.0, next(iter(self.pending.values()))[1] - time.monotonic())
+            events = self.epoll.poll(min(wait, REJECT_LINGER_S))
+            with self.lock:
+                for fd, _ in events:
+                    if fd in self.pending and not self.drained(self.pending[fd][0]):
+                        self.forget(fd)
+                now = time.monotonic()
+                for fd in [fd for fd, (_, deadline) in self.pending.items() if deadline <= now]:
+                    self.forget(fd)
+
+    @staticmethod
+    def drained(sock):
+        """Read what the client sent; False once it has closed (or failed)."""
+        try:
+            return bool(sock.recv(65536))
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+
+
 class ConnectionCap(socketserver.ThreadingMixIn):
-    """One daemon thread per connection, at most max_connections; the next is answered 503."""
+    """One daemon thread per connection, at most max_connections; the next is answered 503.
+    Out of descriptors, the accept loop backs off instead of spinning."""
 
     daemon_threads = True
     request_queue_size = 1024
@@ -1674,40 +1751,58 @@ class ConnectionCap(socketserver.ThreadingMixIn):
         self.max_connections = max_connections
         self.active = 0
         self.streams = 0
+        self.out_of_descriptors = False
+        self.rejected = 0
+        self.last_rejection_log = float("-inf")
         self.count_lock = threading.Lock()
         self.streams_done = threading.Condition(self.count_lock)
+        self.rejecter = Rejecter()
+        self.rejecter.thread.start()
+
+    def get_request(self):
+        try:
+            accepted = self.socket.accept()
+        except OSError as err:
+            if err.errno in OUT_OF_DESCRIPTORS:
+                if not self.out_of_descriptors:
+                    self.out_of_descriptors = True
+                    log.error("cannot accept connections: %s; retrying every %.1f s until "
+                              "descriptors are free", os.strerror(err.errno), ACCEPT_BACKOFF_S)
+                time.sleep(ACCEPT_BACKOFF_S)
+            raise
+        if self.out_of_descriptors:
+            self.out_of_descriptors = False
+            log.info("accepting connections again")
+        return accepted
 
     def process_request(self, request, client_address):
+        """Serve the connection on a thread of its own if the cap allows, else reject it."""
         with self.count_lock:
-            full = self.active >= self.max_connections
-            if not full:
+            admitted = self.active < self.max_connections
+            if admitted:
                 self.active += 1
-        if full:
-            self.reject(request)
-            return
-        threading.Thread(target=self.process_request_thread, args=(request, client_address),
-                         daemon=True).start()
+        if admitted:
+            try:
+                threading.Thread(target=self.serve_counted, args=(request, client_address),
+                                 daemon=True).start()
+                return
+            except RuntimeError:
+                self.release()
+        self.rejecter.reject(request)
+        self.rejected += 1
+        now = time.monotonic()
+        if now - self.last_rejection_log >= 1.0:
+            log.warning("refused %d connection(s): %d connections open (--max-connections)",
+                        self.rejected, self.max_connections)
+            self.rejected, self.last_rejection_log = 0, now
 
-    def reject(self, request):
-        """Answer 503 without a thread: wait briefly for the request, answer, discard, close."""
+    def serve_counted(self, request, client_address):
         try:
-            select.select([request], [], [], REJECT_WAIT_S)
-            request.setblocking(False)
-            while request.recv(65536):
-                pass
-        except OSError:
-            pass
-        try:
-            request.send(TOO_MANY_CONNECTIONS)
-            request.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-        log.warning("connection refused: %d connections open (--max-connections)",
-                    self.max_connections)
-        self.close_request(request)
+            self.process_request_thread(request, client_address)
+        finally:
+            self.release()
 
-    def shutdown_request(self, request):
-        super(ConnectionCap, self).shutdown_request(request)
+    def release(self):
         with self.count_lock:
             self.active -= 1
 
@@ -1730,17 +1825,15 @@ class ConnectionCap(socketserver.ThreadingMixIn):
                 self.streams_done.wait(deadline - time.monotonic())
 
 
-class TcpServer(ConnectionCap, http.server.HTTPServer):
+class TcpServer(ConnectionCap, socketserver.TCPServer):
     """The API on a TCP address, IPv4 or IPv6."""
+
+    allow_reuse_address = True
 
     def __init__(self, family, address, api, max_connections):
         self.address_family = family
         self.setup_cap(api, max_connections)
-        http.server.HTTPServer.__init__(self, address, HttpConnection)
-
-    def server_bind(self):
-        socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = self.server_address[:2]
+        socketserver.TCPServer.__init__(self, address, HttpConnection)
 
     def describe(self):
         host, port = self.server_address[:2]
@@ -1748,7 +1841,7 @@ class TcpServer(ConnectionCap, http.server.HTTPServer):
 
 
 class UnixServer(ConnectionCap, socketserver.UnixStreamServer):
-    """The API on a Unix socket whose mode and owner are set before it listens."""
+    """The API on a Unix socket that has its final mode and owner before it listens."""
 
     def __init__(self, path, permissions, uid, gid, api, max_connections):
         self.path = path
@@ -1758,11 +1851,7 @@ class UnixServer(ConnectionCap, socketserver.UnixStreamServer):
         socketserver.UnixStreamServer.__init__(self, path, HttpConnection)
 
     def server_bind(self):
-        self.socket.bind(self.path)
-        os.chmod(self.path, self.permissions)
-        if self.owner != (-1, -1):
-            os.chown(self.path, *self.owner)
-        self.inode = os.stat(self.path).st_ino
+        self.inode = bind_unix_socket(self.socket, self.path, self.permissions, self.owner)
 
     def describe(self):
         return "unix:%s (mode %03o)" % (self.path, self.permissions)
@@ -1770,10 +1859,51 @@ class UnixServer(ConnectionCap, socketserver.UnixStreamServer):
     def remove_socket(self):
         """Unlink the socket file if it is still the one this server created."""
         try:
-            if os.stat(self.path).st_ino == self.inode:
+            if os.lstat(self.path).st_ino == self.inode:
                 os.unlink(self.path)
         except OSError:
             pass
+
+
+def bind_unix_socket(sock, path, mode, owner):
+    """Bind sock at path with its final mode and owner; the socket's inode.
+
+    The socket is made in a fresh private directory beside path, reached through a descriptor
+    of that directory (never by a name someone could swap), given its mode and owner there,
+    and renamed into place: no other file can ever have its mode or owner changed.
+    """
+    parent, name = os.path.split(os.path.abspath(path))
+    parent_fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
+    private_name = os.path.basename(tempfile.mkdtemp(prefix=".zeusd-", dir=parent))
+    try:
+        private_fd = os.open(private_name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW,
+                             dir_fd=parent_fd)
+        try:
+            private = os.fstat(private_fd)
+            if private.st_uid != os.geteuid() or private.st_mode & 0o077:
+                raise OSError(errno.EPERM, "the private directory %s/%s was tampered with"
+                              % (parent, private_name))
+            through_fd = "/proc/self/fd/%d/%s" % (private_fd, name)
+            umask = os.umask(0o077)
+            try:
+                sock.bind(through_fd if os.path.isdir("/proc/self/fd") else
+                          os.path.join(parent, private_name, name))
+            finally:
+                os.umask(umask)
+            os.chmod(name, mode, dir_fd=private_fd)
+            if owner != (-1, -1):
+                os.chown(name, owner[0], owner[1], dir_fd=private_fd, follow_symlinks=False)
+            inode = os.stat(name, dir_fd=private_fd, follow_symlinks=False).st_ino
+            os.rename(name, name, src_dir_fd=private_fd, dst_dir_fd=parent_fd)
+            return inode
+        finally:
+            os.close(private_fd)
+    finally:
+        try:
+            os.rmdir(private_name, dir_fd=parent_fd)
+        except OSError:
+            pass
+        os.close(parent_fd)
 
 
 def claim_socket_path(path):
@@ -1836,10 +1966,152 @@ def raise_file_limit(wanted):
                         target, wanted)
 
 
-# ---- Main: startup in the documented order, serving until SIGTERM/SIGINT, token issuing ----
+# ---- Command line: the argument parser and its flag types ----
 
-def serve(args, groups):
-    signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGINT, signal.SIGTERM))
+GROUP_HELP = (
+    "  - gpu-control: GPU control operations (set power limit, clocks, persistence mode). "
+    "Requires root\n"
+    "  - gpu-read:    GPU read operations (power reading, energy consumption)\n"
+    "  - cpu-read:    CPU RAPL read operations (energy, power). Requires root"
+)
+
+
+class CliParser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line on stderr and exit status 2."""
+
+    def error(self, message):
+        self.exit(2, "%s: error: %s (see '%s --help')\n" % (self.prog, message, self.prog))
+
+
+def duration_arg(text):
+    try:
+        return parse_duration(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err))
+
+
+def octal_mode_arg(text):
+    if not re.fullmatch(r"[0-7]{1,4}", text):
+        raise argparse.ArgumentTypeError(
+            "invalid value '%s': expected 1 to 4 octal digits, such as 666, 660 or 0660" % text)
+    return int(text, 8)
+
+
+def int_range_arg(low, high):
+    """An argparse type for a decimal integer in [low, high]."""
+    def parse(text):
+        if not DIGITS.fullmatch(text.strip()) or not low <= int(text) <= high:
+            raise argparse.ArgumentTypeError(
+                "invalid value '%s': expected an integer from %d to %d" % (text, low, high))
+        return int(text)
+    return parse
+
+
+def tcp_address_arg(text):
+    """(host, port) from HOST:PORT, with IPv6 hosts in brackets."""
+    match = re.fullmatch(r"\[([0-9A-Fa-f:.%a-zA-Z]+)\]:([0-9]{1,5})", text) or \
+        re.fullmatch(r"([^:\[\]\s]+):([0-9]{1,5})", text)
+    if match and int(match.group(2)) <= 65535:
+        host = match.group(1)
+        try:
+            if text.startswith("["):
+                socket.inet_pton(socket.AF_INET6, host.split("%")[0])
+            return host, int(match.group(2))
+        except (OSError, ValueError):
+            pass
+    raise argparse.ArgumentTypeError(
+        "invalid address '%s': expected HOST:PORT, such as 127.0.0.1:4938, 0.0.0.0:4938 "
+        "or [::1]:4938" % text)
+
+
+def default_rapl_dir():
+    """The host's RAPL root, or the container convention's where only that one exists."""
+    if not os.path.isdir(RAPL_DIRS[0]) and os.path.isdir(RAPL_DIRS[1]):
+        return RAPL_DIRS[1]
+    return RAPL_DIRS[0]
+
+
+def build_parser():
+    parser = CliParser(
+        prog="zeusd",
+        description="The Zeus daemon manages and monitors compute devices on the node",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-V", "--version", action="version", version="zeusd " + __version__)
+    commands = parser.add_subparsers(dest="command", metavar="<COMMAND>", title="commands")
+    commands.required = True
+
+    fmt = argparse.RawTextHelpFormatter
+    serve = commands.add_parser("serve", help="Start the Zeus daemon",
+                                description="Start the Zeus daemon", formatter_class=fmt)
+    serve.add_argument("--mode", choices=("uds", "tcp"), default="uds",
+                       help="Operating mode: UDS or TCP [default: uds]\n"
+                            "  - uds: Unix domain socket\n  - tcp: TCP")
+    serve.add_argument("--socket-path", default="/var/run/zeusd.sock",
+                       help="[UDS mode] Path to the socket Zeusd will listen on\n"
+                            "[default: /var/run/zeusd.sock]")
+    serve.add_argument("--socket-permissions", type=octal_mode_arg, default=0o666,
+                       metavar="SOCKET_PERMISSIONS",
+                       help="[UDS mode] Permissions for the socket file to be created\n"
+                            "[default: 666]")
+    serve.add_argument("--socket-uid", type=int_range_arg(0, 2 ** 32 - 2),
+                       help="[UDS mode] UID to chown the socket file to")
+    serve.add_argument("--socket-gid", type=int_range_arg(0, 2 ** 32 - 2),
+                       help="[UDS mode] GID to chown the socket file to")
+    serve.add_argument("--tcp-bind-address", type=tcp_address_arg, default=("127.0.0.1", 4938),
+                       metavar="TCP_BIND_ADDRESS",
+                       help="[TCP mode] Address to bind to\n[default: 127.0.0.1:4938]")
+    serve.add_argument("--num-workers", type=int_range_arg(1, 65536),
+                       help="Number of worker threads to use. Default is the number of logical "
+                            "CPUs\n(accepted for compatibility; this daemon uses one thread per "
+                            "connection)")
+    serve.add_argument("--gpu-power-poll-hz", type=int_range_arg(1, 1000), default=20,
+                       help="GPU power polling frequency in Hz for the streaming endpoint\n"
+                            "[default: 20]")
+    serve.add_argument("--cpu-power-poll-hz", type=int_range_arg(1, 1000), default=10,
+                       help="CPU RAPL power polling frequency in Hz for the streaming endpoint\n"
+                            "[default: 10]")
+    serve.add_argument("--enable", action="append", nargs="+", metavar="ENABLE",
+                       help="API groups to enable. Each group exposes a set of HTTP endpoints. "
+                            "Groups that\nrequire root will cause the daemon to exit at startup "
+                            "if it is not running as root\n[default: gpu-control gpu-read "
+                            "cpu-read]\n" + GROUP_HELP)
+    serve.add_argument("--signing-key-path",
+                       help="Path to the HMAC-SHA256 signing key file for JWT authentication. "
+                            "If not provided,\nauthentication is disabled")
+    serve.add_argument("--max-connections", type=int_range_arg(1, 1000000), default=1024,
+                       help="Most connections served at once; one more is answered 503\n"
+                            "[default: 1024]")
+    serve.add_argument("--rapl-dir", default=None,
+                       help="RAPL sysfs root [default: %s, or %s if only that exists]"
+                            % RAPL_DIRS)
+
+    token = commands.add_parser("token", help="Token management",
+                                description="Token management")
+    token_commands = token.add_subparsers(dest="token_command", metavar="<COMMAND>",
+                                          title="commands")
+    token_commands.required = True
+    issue = token_commands.add_parser("issue", help="Issue a new JWT token for a user",
+                                      description="Issue a new JWT token for a user",
+                                      formatter_class=fmt)
+    issue.add_argument("--signing-key-path", required=True,
+                       help="Path to the HMAC-SHA256 signing key file")
+    issue.add_argument("--user", required=True,
+                       help="User identity to embed in the token (the `sub` claim)")
+    issue.add_argument("--scope", action="append", default=[],
+                       help="API group scopes to grant. Comma-separated\n" + GROUP_HELP)
+    issue.add_argument("--expires", required=True, type=duration_arg,
+                       help='Token lifetime. Human-readable duration (e.g., "1h", "7d", "30d"). '
+                            'Use "never"\nfor tokens that do not expire')
+    return parser
+
+
+# ---- Main: startup in the documented order, signals, serving, token issuing ----
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+STARTUP_SIGNAL_POLL_S = 0.05
+
+
+def check_privileges(groups):
     needs_root = [g for g in groups if g in ROOT_GROUPS]
     if needs_root and os.geteuid() != 0:
         others = [g for g in groups if g not in ROOT_GROUPS]
@@ -1848,13 +2120,53 @@ def serve(args, groups):
             "root, or drop %s from --enable%s." % (
                 needs_root[0], os.geteuid(), " and ".join("'%s'" % g for g in needs_root),
                 " (e.g. --enable %s)" % ",".join(others) if others else ""))
+
+
+def on_hangup(authenticator):
+    if authenticator is None:
+        log.info("SIGHUP: authentication is off; nothing to reload")
+    else:
+        authenticator.reload()
+
+
+def open_devices(args, groups, authenticator):
+    """The Node, opened on a thread of its own so that SIGTERM and SIGINT end the daemon at
+    once even while a device library takes its time to initialise."""
+    outcome = []
+
+    def open_node():
+        try:
+            outcome.append(Node(groups, args.gpu_power_poll_hz, args.cpu_power_poll_hz,
+                                args.rapl_dir or default_rapl_dir()))
+        except BaseException as err:
+            outcome.append(err)
+    opener = threading.Thread(target=open_node, name="open-devices", daemon=True)
+    opener.start()
+    while opener.is_alive():
+        received = signal.sigtimedwait(SIGNALS, STARTUP_SIGNAL_POLL_S)
+        if received is None:
+            continue
+        if received.si_signo == signal.SIGHUP:
+            on_hangup(authenticator)
+            continue
+        log.info("received %s while opening the devices; exiting",
+                 signal.Signals(received.si_signo).name)
+        flush_logs()
+        os._exit(0)
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    return outcome[0]
+
+
+def serve(args, groups):
+    signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    check_privileges(groups)
     authenticator = None
     if args.signing_key_path is not None:
-        authenticator = Authenticator(load_signing_key(args.signing_key_path))
-    node = Node(groups, args.gpu_power_poll_hz, args.cpu_power_poll_hz,
-                args.rapl_dir or default_rapl_dir())
+        authenticator = Authenticator(args.signing_key_path)
+    node = open_devices(args, groups, authenticator)
     api = Api(node, groups, authenticator)
-    raise_file_limit(args.max_connections + 64)
+    raise_file_limit(args.max_connections + FILE_LIMIT_HEADROOM)
     server = open_server(args, api)
     if args.mode == "tcp" and authenticator is None:
         log.warning("TCP mode without --signing-key-path: anyone who can reach %s may use "
@@ -1869,7 +2181,11 @@ def serve(args, groups):
              "auth: %s", __version__, server.describe(), ",".join(groups), len(node.gpu_ids),
              len(node.cpu_ids), sum(1 for p in node.cpus if p.dram),
              "on" if authenticator else "off")
-    received = signal.sigwait((signal.SIGINT, signal.SIGTERM))
+    while True:
+        received = signal.sigwait(SIGNALS)
+        if received != signal.SIGHUP:
+            break
+        on_hangup(authenticator)
     log.info("received %s; shutting down", signal.Signals(received).name)
     if args.mode == "uds":
         server.remove_socket()
