@@ -12,11 +12,14 @@ import hashlib
 import hmac
 import json
 import os
+import re
+import resource
 import select
 import shutil
 import signal
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -100,6 +103,7 @@ def _call(name, gpu, *args):
 def nvmlInit():
     state = _state()
     _log("nvmlInit -")
+    time.sleep(state.get("delay", {}).get("nvmlInit", 0))
     if state.get("init_fail"):
         raise NVMLError(state["init_fail"])
 
@@ -203,6 +207,8 @@ POWER_READS = ("nvmlDeviceGetFieldValues", "nvmlDeviceGetPowerUsage")
 # An idle daemon with every group: main, accept, rejecter, two samplers, the RAPL guard, a
 # worker per GPU.
 IDLE_THREADS = 6 + len(GPUS)
+# An idle daemon with --enable gpu-read: main, accept, rejecter, two samplers.
+READ_ONLY_IDLE_THREADS = 5
 
 
 def wait_for(predicate, what, timeout=TIMEOUT):
@@ -401,6 +407,18 @@ class EventStream(object):
         self.connection.close()
 
 
+def skip_unless_root_may_start(args):
+    """Skip the test when not root and the daemon's groups (the default ones, or --enable's)
+    include one that needs root: such a daemon would refuse to start."""
+    if IS_ROOT:
+        return
+    args = list(args)
+    enabled = ",".join(args[i + 1] for i, arg in enumerate(args[:-1]) if arg == "--enable")
+    needs = [g for g in zeusd.ROOT_GROUPS if g in (enabled or ",".join(zeusd.API_GROUPS))]
+    if needs:
+        pytest.skip("needs root: the daemon's groups %s require uid 0" % ", ".join(needs))
+
+
 class Daemon(object):
     """`zeusd.py serve` as a subprocess on a temporary socket or a free loopback port."""
 
@@ -409,8 +427,9 @@ class Daemon(object):
         self.mode = options.get("mode", "uds")
         self.socket_path = os.path.join(node.root, options.get("socket_name", "zeusd.sock"))
         self.log_path = os.path.join(node.root, "daemon-%d.log" % id(self))
-        command = [options.get("python", PYTHON), ZEUSD, "serve", "--mode", self.mode,
-                   "--rapl-dir", node.rapl]
+        skip_unless_root_may_start(args)
+        command = [options.get("python", PYTHON), options.get("script", ZEUSD), "serve",
+                   "--mode", self.mode, "--rapl-dir", node.rapl]
         if self.mode == "uds":
             command += ["--socket-path", self.socket_path]
         else:
@@ -684,7 +703,8 @@ def test_root_groups_refused_without_root():
             assert "'%s' requires root" % group in message and "--enable" in message
             assert not os.path.exists(os.path.join(root, "z.sock"))
             assert node.calls() == []
-        daemon = Daemon(node, "--enable", "gpu-read", python=python, preexec_fn=as_nobody)
+        daemon = Daemon(node, "--enable", "gpu-read", python=python, script=script,
+                        preexec_fn=as_nobody)
         try:
             assert daemon.get_json("/discover")["gpu_ids"] == [0, 1, 2]
         finally:
@@ -790,6 +810,98 @@ def test_signal_ends_streams_and_removes_socket(start, sig):
     assert stream.connection.closed_by_peer(timeout=2)
     idle.close()
     assert "shutting down" in daemon.log()
+
+
+def test_sighup_without_auth_is_logged_and_ignored(start):
+    daemon = start("--enable", "gpu-read")
+    daemon.process.send_signal(signal.SIGHUP)
+    wait_for(lambda: "SIGHUP: authentication is off" in daemon.log(), "the SIGHUP log line")
+    assert daemon.process.poll() is None and os.path.exists(daemon.socket_path)
+    assert daemon.get("/time").status == 200
+
+
+def test_sighup_rotates_the_signing_key(key_path, start):
+    daemon = start("--signing-key-path", key_path, "--enable", "gpu-read")
+    old, new = token(["gpu-read"]), token(["gpu-read"], key=b"rotated key\n")
+    assert daemon.get("/auth/whoami", token=old).status == 200
+    with open(key_path, "wb") as key_file:
+        key_file.write(b"rotated key\n")
+    daemon.process.send_signal(signal.SIGHUP)
+    wait_for(lambda: "reloaded the signing key" in daemon.log(), "the key reload")
+    assert daemon.get("/auth/whoami", token=old).status == 401
+    assert daemon.get("/auth/whoami", token=new).status == 200
+    open(key_path, "wb").close()
+    daemon.process.send_signal(signal.SIGHUP)
+    wait_for(lambda: "keeping the current signing key" in daemon.log(), "the refused reload")
+    assert daemon.get("/auth/whoami", token=new).status == 200
+    assert daemon.process.poll() is None
+
+
+def test_sigterm_during_a_slow_nvml_init_exits_at_once(node, start):
+    node.update(delay={"nvmlInit": 30})
+    daemon = start("--enable", "gpu-read", wait=False)
+    wait_for(lambda: node.calls("nvmlInit"), "NVML initialisation to begin")
+    started = time.monotonic()
+    daemon.process.send_signal(signal.SIGTERM)
+    assert daemon.wait_exit(timeout=5) == 0
+    assert time.monotonic() - started < 2.0
+    assert not os.path.exists(daemon.socket_path)
+
+
+def test_service_unit_reloads_with_sighup():
+    with open(os.path.join(HERE, "zeusd.service")) as unit:
+        assert "ExecReload=/bin/kill -HUP $MAINPID" in unit.read().splitlines()
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="needs root: the attacker runs as another user")
+def test_socket_swapped_for_a_symlink_changes_no_other_file(node, start):
+    """Another user who can write to the socket's directory replaces every socket that appears
+    there with a symlink to a root-owned 0600 file; that file must keep its mode and owner."""
+    shared = tempfile.mkdtemp(prefix="zeusd-race-")  # where the other user can reach it
+    os.chmod(shared, 0o777)
+    secret = os.path.join(node.root, "secret")
+    with open(secret, "w") as secret_file:
+        secret_file.write("root only\n")
+    os.chmod(secret, 0o600)
+    socket_path = os.path.join(shared, "zeusd.sock")
+    python = unprivileged_python()
+    if python is None:
+        pytest.skip("no Python interpreter that an unprivileged user can run")
+    racer = subprocess.Popen([python, "-c", SYMLINK_RACER, socket_path, secret],
+                             preexec_fn=as_nobody, stdout=subprocess.PIPE)
+    try:
+        assert racer.stdout.readline() == b"ready\n"
+        for _ in range(40):
+            daemon = start("--enable", "gpu-read", "--socket-path", socket_path,
+                           "--socket-permissions", "666", "--socket-uid", "65534", wait=False)
+            wait_for(lambda: "listening on" in daemon.log() or daemon.process.poll() is not None,
+                     "the daemon to listen")
+            daemon.process.kill()
+            daemon.process.wait()
+            if os.path.lexists(socket_path):
+                os.unlink(socket_path)
+            info = os.stat(secret)
+            assert (stat.S_IMODE(info.st_mode), info.st_uid) == (0o600, 0), "trial %d" % _
+    finally:
+        racer.kill()
+        racer.wait()
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+SYMLINK_RACER = r'''
+import os, stat, sys
+path, target = sys.argv[1], sys.argv[2]
+link = path + ".link"
+os.symlink(target, link)
+print("ready", flush=True)
+while True:
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.rename(link, path)
+            os.symlink(target, link)
+    except OSError:
+        pass
+'''
 
 
 # ---- §2 HTTP ----
@@ -911,9 +1023,10 @@ def test_control_characters_in_the_target_are_400(daemon):
 
 
 def test_fuzzed_requests_never_take_the_daemon_down(start):
-    """Seeded random mutations of valid requests: each is answered or closed, never more."""
+    """Seeded random mutations of valid requests, alone, pipelined or cut off by a reset: each
+    is answered (never with a 5xx but 505 for a mangled version) or closed, never more."""
     import random
-    daemon = start()
+    daemon = start(mode="tcp")
     wait_for(lambda: daemon.threads() == IDLE_THREADS, "an idle daemon")
     rng = random.Random(1234)
     seeds = [b"GET /gpu/get_power?gpu_ids=0,1 HTTP/1.1\r\nHost: x\r\n\r\n",
@@ -921,9 +1034,10 @@ def test_fuzzed_requests_never_take_the_daemon_down(start):
              b"Content-Length: 3\r\n\r\nabc",
              b"GET /cpu/get_cumulative_energy?cpu=true&dram=false HTTP/1.0\r\n\r\n",
              b"POST /time HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"]
-    for _ in range(150):
+
+    def mutated():
         data = bytearray(rng.choice(seeds))
-        for _ in range(rng.randint(1, 6)):
+        for _ in range(rng.randint(0, 6)):
             position = rng.randrange(len(data))
             action = rng.random()
             if action < 0.4:
@@ -933,13 +1047,22 @@ def test_fuzzed_requests_never_take_the_daemon_down(start):
             else:
                 junk = bytes(rng.randrange(256) for _ in range(rng.randint(1, 8)))
                 data[position:position] = junk
+        return bytes(data)
+    for round_number in range(200):
+        data = b"".join(mutated() for _ in range(rng.randint(1, 3)))
         connection = daemon.connect()
-        connection.send(bytes(data) + b"\r\n\r\n")
+        if round_number % 5 == 4:
+            connection.send(data[:rng.randrange(len(data))])
+            connection.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                       struct.pack("ii", 1, 0))
+            connection.close()
+            continue
+        connection.send(data + b"\r\n\r\n")
         connection.sock.shutdown(socket.SHUT_WR)
         try:
             while True:
                 response = connection.response()
-                assert 200 <= response.status < 600 and response.status != 500, (data, response)
+                assert response.status < 500 or response.status == 505, (data, response)
                 if response.status >= 400 and response.body:
                     response_json(response)
         except (EOFError, ConnectionResetError):
@@ -1005,6 +1128,191 @@ def test_connection_cap(start):
     held[0].close()
 
 
+def test_head_ending_in_lf_cr_lf_is_answered_at_once(daemon):
+    connection = daemon.connect()
+    connection.send(b"GET /time HTTP/1.1\r\nHost: x\n\r\n")
+    connection.sock.settimeout(2.0)
+    assert connection.response().status == 200
+    connection.close()
+
+
+# Framing, tested in-process on RequestReader over a socket pair: (bytes the client sends,
+# the requests read as (method, path, query), or the status of the error that ends them).
+CHUNKED = b"POST /time HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+READER_CASES = [
+    (b"GET /time HTTP/1.1\r\n\r\n", [("GET", "/time", "")]),
+    (b"GET /a?b=1 HTTP/1.1\n\nGET /c HTTP/1.0\r\n\nGET /d HTTP/1.1\n\r\n",
+     [("GET", "/a", "b=1"), ("GET", "/c", ""), ("GET", "/d", "")]),
+    (b"\r\n\r\nGET /time HTTP/1.1\r\n\r\n", [("GET", "/time", "")]),
+    (b"POST /x HTTP/1.1\r\nContent-Length: 3\r\n\r\nabcGET /y HTTP/1.1\r\n\r\n",
+     [("POST", "/x", ""), ("GET", "/y", "")]),
+    (b"POST /x HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc", [("POST", "/x", "")]),
+    (CHUNKED + b"5\r\nhello\r\n3;ext=1\r\nabc\r\n0\r\nTrailer: x\r\n\r\nGET /y HTTP/1.1\r\n\r\n",
+     [("POST", "/time", ""), ("GET", "/y", "")]),
+    (b"GET /time HTTP/1.1\r\nX-Tab:\tvalue\t\r\n\r\n", [("GET", "/time", "")]),
+    (CHUNKED + b"5\r\nhelloXX0\r\n\r\n", 400),
+    (CHUNKED + b"5\r\nhello\n0\r\n\r\n", 400),
+    (CHUNKED + b"zz\r\n", 400),
+    (b"POST /time HTTP/1.1\r\nTransfer-Encoding: chunked\x0b\r\n\r\n0\r\n\r\n", 400),
+    (b"POST /time HTTP/1.1\r\nTransfer-Encoding: \x0bchunked\r\n\r\n0\r\n\r\n", 400),
+    (b"POST /time HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n", 400),
+    (b"POST /time HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n", 400),
+    (b"POST /time HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello", 400),
+    (b"POST /time HTTP/1.1\r\nContent-Length: 5\n\x00\r\n\r\n", 400),
+    (b"GET /time HTTP/1.1\r\nHost: x\r\n Folded: y\r\n\r\n", 400),
+    (b"GET /time HTTP/1.1\r\nContent-Length : 0\r\n\r\n", 400),
+    (b"GET /time HTTP/1.1\r\nX\tY: 0\r\n\r\n", 400),
+    (b"GET /time HTTP/1.1\r\nX-A: a\rb\r\n\r\n", 400),
+    (b"GET /time HTTP/1.1\r\nX-A: a\x00b\r\n\r\n", 400),
+    (b"GET /time\r HTTP/1.1\r\n\r\n", 400),
+    (b"GET /time HTTP/1.1 \r\n\r\n", 400),
+    (b"GET /time HTTP/2.0\r\n\r\n", 505),
+    (b"POST /time HTTP/1.1\r\nContent-Length: 65537\r\n\r\n", 413),
+    (CHUNKED + b"10000\r\n" + b"x" * 65536 + b"\r\n1\r\nx\r\n0\r\n\r\n", 413),
+    (b"GET /" + b"a" * 8200 + b" HTTP/1.1\r\n\r\n", 414),
+    (b"GET /time HTTP/1.1\r\n" + b"X-A: b\r\n" * 101 + b"\r\n", 431),
+    (b"GET /time HTTP/1.1\r\n" + (b"X-A: " + b"b" * 8000 + b"\r\n") * 9 + b"\r\n", 431),
+]
+
+
+def read_all(data):
+    """What RequestReader makes of data: [(method, path, query)] or an error status."""
+    client, server = socket.socketpair()
+    sender = threading.Thread(target=lambda: (client.sendall(data), client.shutdown(
+        socket.SHUT_WR)))
+    sender.start()
+    reader, requests = zeusd.RequestReader(server), []
+    try:
+        while True:
+            request = reader.next_request()
+            requests.append((request.method, request.path, request.query))
+    except zeusd.ConnectionClosed:
+        return requests
+    except zeusd.HttpError as err:
+        return err.status
+    finally:
+        sender.join()
+        client.close()
+        server.close()
+
+
+@pytest.mark.parametrize("data, expected", READER_CASES)
+def test_request_reader_framing(data, expected):
+    assert read_all(data) == expected
+
+
+def test_request_reader_in_pieces():
+    """The same requests, fed a byte at a time, read the same."""
+    data = READER_CASES[1][0] + READER_CASES[5][0]
+    client, server = socket.socketpair()
+    reader = zeusd.RequestReader(server)
+
+    def send():
+        for i in range(len(data)):
+            client.send(data[i:i + 1])
+        client.shutdown(socket.SHUT_WR)
+    sender = threading.Thread(target=send)
+    sender.start()
+    paths = []
+    with pytest.raises(zeusd.ConnectionClosed):
+        while True:
+            paths.append(reader.next_request().path)
+    sender.join()
+    assert paths == ["/a", "/c", "/d", "/time", "/y"]
+
+
+def raise_own_file_limit(wanted):
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < wanted:
+        pytest.skip("needs %d open files; the hard limit is %d" % (wanted, hard))
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+
+def flood(daemon, count):
+    """Open count connections at once, then send a request on each; (served, refused) lists."""
+    connections = [daemon.connect() for _ in range(count)]
+    served, refused = [], []
+    for connection in connections:
+        connection.send(b"GET /time HTTP/1.1\r\nHost: x\r\n\r\n")
+    for connection in connections:
+        response = connection.response()
+        assert response.status in (200, 503), response
+        if response.status == 503:
+            assert response_json(response) == {"error": "Too many connections"}
+        (served if response.status == 200 else refused).append(connection)
+    return served, refused
+
+
+def close_all(daemon, connections):
+    for connection in connections:
+        connection.close()
+    wait_for(lambda: daemon.threads() == READ_ONLY_IDLE_THREADS, "connection threads to end")
+
+
+def test_connection_cap_holds_at_1024_and_counts_nothing_twice(start):
+    raise_own_file_limit(4096)
+    daemon = start("--enable", "gpu-read", env={"ZEUSD_LOG": "warning"})
+    for _ in range(2):
+        served, refused = flood(daemon, 1100)
+        assert (len(served), len(refused)) == (1024, 76)
+        close_all(daemon, served + refused)
+    assert "Traceback" not in daemon.log()
+
+
+def test_connection_cap_above_1024_and_small(start):
+    raise_own_file_limit(4096)
+    daemon = start("--enable", "gpu-read", "--max-connections", "1500",
+                   env={"ZEUSD_LOG": "warning"})
+    served, refused = flood(daemon, 1510)
+    assert (len(served), len(refused)) == (1500, 10)
+    close_all(daemon, served + refused)
+    small = start("--enable", "gpu-read", "--max-connections", "3", mode="tcp")
+    for _ in range(3):
+        served, refused = flood(small, 20)
+        assert (len(served), len(refused)) == (3, 17)
+        close_all(small, served + refused)
+
+
+def test_silent_connections_beyond_the_cap_do_not_delay_the_next_answer(start):
+    raise_own_file_limit(4096)
+    daemon = start("--enable", "gpu-read", "--max-connections", "50",
+                   env={"ZEUSD_LOG": "warning"})
+    held = [served_connection(daemon) for _ in range(50)]
+    silent = [daemon.connect() for _ in range(1000)]
+    started = time.monotonic()
+    late = daemon.connect()
+    late.send(b"GET /time HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert late.response().status == 503
+    assert time.monotonic() - started < 1.0
+    for connection in held + silent + [late]:
+        connection.close()
+    wait_for(lambda: daemon.get("/time").status == 200, "a free connection slot")
+
+
+def test_out_of_descriptors_backs_off_and_recovers(start):
+    def low_file_limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (40, 40))
+    daemon = start("--enable", "gpu-read", preexec_fn=low_file_limit)
+    connections = [daemon.connect() for _ in range(60)]
+    wait_for(lambda: "cannot accept connections" in daemon.log(), "the EMFILE log line")
+    cpu_before = process_cpu_seconds(daemon.process.pid)
+    time.sleep(1.0)  # measuring the daemon's CPU use over a second, not waiting for an event
+    assert process_cpu_seconds(daemon.process.pid) - cpu_before < 0.3
+    for connection in connections:
+        connection.close()
+    wait_for(lambda: daemon.get("/time").status == 200, "the daemon to serve again")
+    log_text = daemon.log()
+    assert log_text.count("cannot accept connections") == 1
+    assert "accepting connections again" in log_text and "Traceback" not in log_text
+
+
+def process_cpu_seconds(pid):
+    with open("/proc/%d/stat" % pid) as stat_file:
+        fields = stat_file.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 # ---- §2 Query strings ----
 
 @pytest.mark.parametrize("query, fragment", [
@@ -1020,6 +1328,9 @@ def test_connection_cap(start):
     ("gpu_ids=a&power_limit_mw=200000&block=true", "'gpu_ids'"),
     ("gpu_ids=-1&power_limit_mw=200000&block=true", "'gpu_ids'"),
     ("power_limit_mw=200000&block=true", "'gpu_ids'"),
+    ("gpu_ids=0&power_limit_mw=300000%0A&block=true", "'power_limit_mw'"),
+    ("gpu_ids=0%0A&power_limit_mw=300000&block=true", "'gpu_ids'"),
+    ("gpu_ids=0&power_limit_mw=300000&block=true%0A", "'block'"),
 ])
 def test_bad_query_parameters_are_400_naming_them(node, start, query, fragment):
     daemon = start()
@@ -1580,6 +1891,65 @@ def test_tampering_is_detected():
     for bad in (tampered, good + "x", good[:-2], header + "." + payload + "." + signature + "="):
         with pytest.raises(zeusd.HttpError):
             verify(bad)
+
+
+def forge_raw(header, payload, key=KEY):
+    """A token from raw header and payload bytes, signed HS256 with key."""
+    signing_input = b64(header) + "." + b64(payload)
+    return signing_input + "." + b64(hmac.new(key, signing_input.encode(), hashlib.sha256).digest())
+
+
+def test_duplicate_keys_are_refused():
+    for header, payload in ((b'{"alg":"none","alg":"HS256"}', b'{"sub":"a","scopes":[]}'),
+                            (b'{"alg":"HS256"}', b'{"sub":"a","sub":"root","scopes":[]}'),
+                            (b'{"alg":"HS256"}', b'{"sub":"a","scopes":[],"x":{"k":1,"k":2}}')):
+        with pytest.raises(zeusd.HttpError) as refused:
+            verify(forge_raw(header, payload))
+        assert "distinct keys" in refused.value.message
+
+
+def test_each_signature_has_one_spelling():
+    """32 bytes take 43 base64url characters whose last carries 2 unused bits: the other three
+    spellings of that character decode to the same bytes and must be refused."""
+    good = token(["gpu-read"])
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    last = alphabet.index(good[-1])
+    variants = [good[:-1] + alphabet[(last & ~3) | low] for low in range(4) if low != last & 3]
+    assert len(variants) == 3
+    for variant in variants:
+        assert base64.urlsafe_b64decode(variant.split(".")[2] + "=") == \
+            base64.urlsafe_b64decode(good.split(".")[2] + "=")
+        with pytest.raises(zeusd.HttpError):
+            verify(variant)
+    verify(good)
+
+
+def test_deeply_nested_tokens_are_401_and_one_log_line(auth_daemon):
+    nested = b64(b"[" * 1000)
+    for bad in (nested + ".e30.AAAA", b64(b'{"alg":"HS256"}') + "." + nested + ".AAAA",
+                forge_raw(b'{"alg":"HS256"}', b'{"sub":"a","scopes":' + b"[" * 5000 + b"]")):
+        before = len(auth_daemon.log().splitlines())
+        response = auth_daemon.get("/gpu/get_power", token=bad)
+        assert error_of(response, 401).startswith("Invalid token: ")
+        wait_for(lambda: len(auth_daemon.log().splitlines()) > before, "the request's log line")
+        assert len(auth_daemon.log().splitlines()) == before + 1
+    assert "Traceback" not in auth_daemon.log()
+    assert auth_daemon.get("/gpu/get_power", token=token(["gpu-read"])).status == 200
+
+
+LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR) ")
+
+
+def test_nothing_a_client_sends_starts_a_log_line(auth_daemon):
+    forged = "alice\n2030-01-01 00:00:00,000 INFO POST /gpu/set_power_limit 200 1.00ms user=root"
+    for sub in (forged, forged.replace("\n", "\r"), forged.replace("\n", "\u2028")):
+        assert auth_daemon.get("/auth/whoami", token=token([], sub=sub)).status == 200
+    auth_daemon.get("/gpu/get_power?gpu_ids=0%0A2030-01-01", token=token(["gpu-read"]))
+    raw_exchange(auth_daemon, b"GET /time HTTP/1.1\r\nX: \x1b[2J\r\n\r\n")
+    wait_for(lambda: auth_daemon.log().count("GET /auth/whoami 200") == 3, "the request lines")
+    lines = auth_daemon.log().splitlines()
+    assert all(LOG_LINE.match(line) for line in lines), lines
+    assert not any("user=root" in line and "user=alice" not in line for line in lines)
 
 
 def test_non_base64_and_non_json_segments_are_refused():
