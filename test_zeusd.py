@@ -1003,6 +1003,11 @@ def raw_exchange(daemon, data):
     (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n", 414),
     (b"GET /time HTTP/1.1\r\n" + b"X-A: b\r\n" * 101 + b"\r\n", 431),
     (b"GET /time HTTP/1.1\r\n" + (b"X-A: " + b"b" * 8000 + b"\r\n") * 9 + b"\r\n", 431),
+    (b"POST /time HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhelloXX0\r\n\r\n", 400),
+    (b"POST /time HTTP/1.1\r\nTransfer-Encoding: chunked\x0b\r\n\r\n0\r\n\r\n", 400),
+    (b"POST /time HTTP/1.1\r\nContent-Length: 0\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+    (b"POST /time HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab", 400),
+    (b"GET /time HTTP/1.1\r\nContent-Length : 0\r\n\r\n", 400),
 ])
 def test_malformed_requests_get_json_errors_and_close(daemon, data, status):
     error_of(raw_exchange(daemon, data), status)

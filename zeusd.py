@@ -170,7 +170,7 @@ class DeviceError(Exception):
     invalid-argument, not-supported, no-permission, busy, timeout or failed."""
 
     def __init__(self, kind, message):
-        Exception.__init__(self, message)
+        super().__init__(message)
         self.kind = kind
         self.message = message
 
@@ -180,7 +180,7 @@ class HttpError(Exception):
     as (name, value) pairs."""
 
     def __init__(self, status, message, headers=()):
-        Exception.__init__(self, message)
+        super().__init__(message)
         self.status = status
         self.message = message
         self.headers = headers
