@@ -204,11 +204,11 @@ POWER_SETTERS = ("nvmlDeviceSetPowerManagementLimit", "nvmlDeviceSetPersistenceM
                  "nvmlDeviceSetGpuLockedClocks", "nvmlDeviceResetGpuLockedClocks",
                  "nvmlDeviceSetMemoryLockedClocks", "nvmlDeviceResetMemoryLockedClocks")
 POWER_READS = ("nvmlDeviceGetFieldValues", "nvmlDeviceGetPowerUsage")
-# An idle daemon with every group: main, accept, rejecter, two samplers, the RAPL guard, a
-# worker per GPU.
-IDLE_THREADS = 6 + len(GPUS)
-# An idle daemon with --enable gpu-read: main, accept, rejecter, two samplers.
-READ_ONLY_IDLE_THREADS = 5
+# An idle daemon with every group: main, accept, rejecter, two relays for each of the two
+# samplers, the RAPL guard, a worker per GPU.
+IDLE_THREADS = 8 + len(GPUS)
+# An idle daemon with --enable gpu-read: main, accept, rejecter, two relays for each sampler.
+READ_ONLY_IDLE_THREADS = 7
 
 
 def wait_for(predicate, what, timeout=TIMEOUT):
@@ -576,7 +576,8 @@ def run_cli(*args, **options):
 
 def test_version_and_help_at_every_level():
     status, out, _ = run_cli("--version")
-    assert (status, out) == (0, "zeusd %s\n" % zeusd.__version__)
+    assert (status, out) == (0, zeusd.VERSION_LINE + "\n")
+    assert out.startswith("zeusd %s (Python" % zeusd.__version__)
     assert run_cli("-V")[1] == out
     status, out, _ = run_cli("--help")
     assert status == 0 and "serve" in out and "token" in out
@@ -944,6 +945,14 @@ def test_connection_close_is_honoured(daemon):
     response = connection.request("GET", "/time", {"Connection": "close"})
     assert response.status == 200 and response.headers["connection"] == "close"
     assert connection.closed_by_peer()
+
+
+def errors_of(response, status):
+    """The per-device errors of an {"errors": …} answer."""
+    assert response.status == status, response
+    body = response_json(response)
+    assert list(body) == ["errors"] and body["errors"]
+    return body["errors"]
 
 
 def error_of(response, status):
@@ -1705,14 +1714,18 @@ def test_stream_survives_device_failures_and_logs_once(node, start):
     stream = daemon.stream("/gpu/stream_power")
     assert stream.next_event()["power_mw"]["0"] == 76000
     node.update(fail={"nvmlDeviceGetFieldValues": {"0": 15}})
+    assert stream.next_event()["power_mw"] == {"1": 120000, "2": 99000}
     wait_for(lambda: len([c for c in node.calls("nvmlDeviceGetFieldValues") if c[1] == "0"]) > 40,
              "failed reads")
+    assert list(errors_of(daemon.get("/gpu/get_power?gpu_ids=2,0"), 500)) == ["0"]
+    assert "GPU is lost" in errors_of(daemon.get("/gpu/get_power"), 500)["0"]
+    assert daemon.get_json("/gpu/get_power?gpu_ids=1")["power_mw"] == {"1": 120000}
     node.set_gpu(2, instant_mw=12345)
-    event = stream.next_event()
-    assert event["power_mw"] == {"0": 76000, "1": 120000, "2": 12345}
-    assert daemon.log().count("GPU 0: read failed") == 1
+    assert stream.next_event()["power_mw"] == {"1": 120000, "2": 12345}
+    assert daemon.log().count("left out of samples") == 1
     node.update(fail={})
-    wait_for(lambda: "GPU 0: reads work again" in daemon.log(), "recovery")
+    assert stream.next_event()["power_mw"] == {"0": 76000, "1": 120000, "2": 12345}
+    wait_for(lambda: "GPU 0 reads again" in daemon.log(), "recovery")
     stream.close()
 
 
@@ -1721,12 +1734,14 @@ def test_sampler_survives_unexpected_errors(node, start):
     stream = daemon.stream("/gpu/stream_power?gpu_ids=2")
     assert stream.next_event()["power_mw"] == {"2": 99000}
     node.update(crash=["nvmlDeviceGetFieldValues"])
-    wait_for(lambda: "gpu sampler: reading the devices failed" in daemon.log(), "the error")
-    assert "Internal server error" in error_of(daemon.get("/gpu/get_power"), 500)
+    wait_for(lambda: "GPU 2: unexpected error reading it" in daemon.log(), "the error")
+    errors = errors_of(daemon.get("/gpu/get_power"), 500)
+    assert "RuntimeError: simulated bug" in errors["2"] and sorted(errors) == ["0", "2"]
     node.update(crash=[])
     node.set_gpu(2, instant_mw=42000)
     assert stream.next_event()["power_mw"] == {"2": 42000}
-    assert daemon.log().count("gpu sampler: reading the devices failed") == 1
+    assert daemon.log().count("GPU 2: unexpected error reading it") == 1
+    assert "Traceback" not in daemon.log()
     stream.close()
 
 
@@ -1743,10 +1758,15 @@ def test_cpu_stream_events(node, start):
         stream.close()
 
 
+def gpu_sample(values, errors=None, timestamp_ms=1000):
+    return zeusd.Sample(time.monotonic(), timestamp_ms, values, errors or {},
+                        zeusd.GpuPowerMeter(zeusd.GpuBackend()))
+
+
 def test_keep_alive_comment_after_quiet_period():
     left, right = socket.socketpair()
-    subscriber = zeusd.StreamSubscriber(left, (0,), None)
-    sample = zeusd.Sample({0: 5}, zeusd.render_gpu_power)
+    subscriber = zeusd.StreamSubscriber(left, (0,), False)
+    sample = gpu_sample({0: 5})
     now = time.monotonic()
     subscriber.deliver(sample, now)
     subscriber.deliver(sample, now + 1)
@@ -1761,10 +1781,10 @@ def test_keep_alive_comment_after_quiet_period():
 
 def test_slow_stream_reader_is_dropped():
     left, right = socket.socketpair()
-    subscriber = zeusd.StreamSubscriber(left, (0,), None)
+    subscriber = zeusd.StreamSubscriber(left, (0,), False)
     now = time.monotonic()
     for value in range(100000):
-        subscriber.deliver(zeusd.Sample({0: value}, zeusd.render_gpu_power), now)
+        subscriber.deliver(gpu_sample({0: value}), now)
         if subscriber.closed:
             break
     assert subscriber.closed

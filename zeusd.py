@@ -51,7 +51,8 @@ import threading
 import time
 from urllib.parse import unquote_plus
 
-__version__ = "0.4.0"
+__version__ = "0.5.0"
+VERSION_LINE = "zeusd %s (Python; zeusd HTTP API 0.4.0 + 0.5 superset)" % __version__
 
 log = logging.getLogger("zeusd")
 
@@ -60,6 +61,7 @@ log = logging.getLogger("zeusd")
 
 API_GROUPS = ("gpu-control", "gpu-read", "cpu-read")
 ROOT_GROUPS = ("gpu-control", "cpu-read")
+STREAM_FORMATS = ("all-devices", "per-device")
 RAPL_DIRS = ("/sys/class/powercap/intel-rapl", "/zeus_sys/class/powercap/intel-rapl")
 DURATION_UNITS = {}
 for _names, _seconds in ((("s", "sec", "secs", "second", "seconds"), 1),
@@ -513,6 +515,7 @@ def open_gpu_backend():
 # ---- Devices, CPUs: RAPL zones, counters with wraparound, the wraparound guard ----
 
 RAPL_ZONE = re.compile(r"intel-rapl:([0-9]+)")
+DIGITS_UJ = re.compile(rb"[0-9]{1,20}")
 RAPL_GUARD_INTERVAL_S = 30.0
 
 
@@ -522,25 +525,57 @@ def read_text(path):
 
 
 class RaplCounter:
-    """One energy_uj file, kept open, with its wraparound count; callers hold the package lock."""
+    """One energy_uj file, kept open, with its wraparound offset; callers hold the package lock.
+
+    A read lower than the last by more than half of max_energy_range_uj is a wraparound (one
+    range is added from then on); a smaller step back is a glitch, refused with an error and
+    never a jump of a whole range. A file replaced under the same path (the powercap driver
+    reloaded) is reopened, and its energy continues from where the old one stopped.
+    """
 
     def __init__(self, zone_dir):
         self.path = os.path.join(zone_dir, "energy_uj")
         self.max_range = int(read_text(os.path.join(zone_dir, "max_energy_range_uj")))
-        self.fd = os.open(self.path, os.O_RDONLY)
-        self.last_raw = self.read_raw()
-        self.wraps = 0
+        self.fd = None
+        self.identity = None
+        self.offset = 0
+        self.last_raw = self.reopen()
+
+    def reopen(self):
+        """(Re)open the file; its current raw value."""
+        fd = os.open(self.path, os.O_RDONLY)
+        if self.fd is not None:
+            os.close(self.fd)
+        self.fd = fd
+        info = os.fstat(fd)
+        self.identity = (info.st_dev, info.st_ino)
+        return self.read_raw()
 
     def read_raw(self):
-        return int(os.pread(self.fd, 32, 0))
+        text = os.pread(self.fd, 32, 0).strip()
+        if not DIGITS_UJ.fullmatch(text):
+            raise ValueError("%s holds %r, not a number of microjoules" % (self.path, text[:32]))
+        return int(text)
 
     def read(self):
-        """Cumulative µJ: the raw value plus one max_energy_range_uj per wrap seen."""
+        """Cumulative µJ: the raw value plus the range for each wrap seen (and, after a reopen,
+        the energy counted before it)."""
+        info = os.stat(self.path)
+        if (info.st_dev, info.st_ino) != self.identity:
+            before = self.last_raw + self.offset
+            raw = self.reopen()
+            self.offset, self.last_raw = before - raw, raw
+            log.warning("%s was replaced (the powercap driver reloaded?); reopened it, energy "
+                        "continues from %d uJ", self.path, before)
+            return before
         raw = self.read_raw()
         if raw < self.last_raw:
-            self.wraps += 1
+            if self.last_raw - raw <= self.max_range // 2:
+                raise ValueError("%s stepped back by %d uJ, less than half its range: a glitch, "
+                                 "read ignored" % (self.path, self.last_raw - raw))
+            self.offset += self.max_range
         self.last_raw = raw
-        return raw + self.wraps * self.max_range
+        return raw + self.offset
 
 
 class RaplPackage:
@@ -681,40 +716,55 @@ class GpuControl:
             jobs.get().run(self.backend)
 
 
-# ---- Sampling: demand-driven samplers that broadcast each reading to their subscribers ----
+# ---- Sampling: demand-driven samplers, one read per device per tick, isolated from hangs ----
 
 KEEPALIVE_COMMENT_S = 15.0
 MAX_STREAM_BACKLOG = 65536
 SSE_KEEPALIVE = b": keep-alive\n\n"
+RELAYS = 2  # sampler threads taking the ticks in turn
+ONE_SHOT_GRACE_S = 0.5
 
 
 class Sample:
-    """One reading of every device of a kind, rendered once per distinct selection of ids."""
+    """One tick: the values of the devices that answered and the errors of those that did not,
+    each rendering made once however many readers ask for it."""
 
-    __slots__ = ("timestamp_ms", "taken", "values", "render_value", "renders")
+    __slots__ = ("timestamp_ms", "taken", "values", "errors", "meter", "renders", "events")
 
-    def __init__(self, values, render_value):
-        self.taken = time.monotonic()
-        self.timestamp_ms = int(time.time() * 1000)
+    def __init__(self, taken, timestamp_ms, values, errors, meter):
+        self.taken = taken
+        self.timestamp_ms = timestamp_ms
         self.values = values
-        self.render_value = render_value
+        self.errors = errors
+        self.meter = meter
         self.renders = {}
+        self.events = {}
 
     def render(self, ids):
-        """(selected values, JSON body, SSE event) for the ids."""
+        """(selected values, get_power body, all-devices SSE event) for the ids; devices
+        without a value are left out."""
         rendered = self.renders.get(ids)
         if rendered is None:
-            values = self.values
+            values, render_value = self.values, self.meter.render_value
             body = ('{"timestamp_ms": %d, "power_mw": {%s}}' % (
-                self.timestamp_ms, ", ".join('"%d": %s' % (i, self.render_value(values[i]))
+                self.timestamp_ms, ", ".join('"%d": %s' % (i, render_value(values[i]))
                                              for i in ids if i in values))).encode()
             rendered = (tuple(values.get(i) for i in ids), body, b"data: " + body + b"\n\n")
             self.renders[ids] = rendered
         return rendered
 
+    def device_event(self, index):
+        """The per-device SSE event of one device that has a value."""
+        event = self.events.get(index)
+        if event is None:
+            event = b"data: %s\n\n" % self.meter.device_json(self.timestamp_ms, index,
+                                                             self.values[index])
+            self.events[index] = event
+        return event
+
 
 class FailureLog:
-    """Logs a device's read failures once per run of failures, and its recovery."""
+    """Logs a device's failures once per run of failures, and its recovery."""
 
     def __init__(self, kind):
         self.kind = kind
@@ -723,108 +773,111 @@ class FailureLog:
     def failed(self, index, err):
         if index not in self.failing:
             self.failing.add(index)
-            log.error("%s %d: read failed, keeping its last value: %s", self.kind, index,
-                      err.message)
+            log.error("%s; left out of samples until it reads again", err.message)
 
-    def succeeded(self, index):
-        if index in self.failing:
-            self.failing.discard(index)
-            log.info("%s %d: reads work again", self.kind, index)
+    def answered(self, values):
+        if self.failing:
+            for index in self.failing.intersection(values):
+                self.failing.discard(index)
+                log.info("%s %d reads again", self.kind, index)
 
 
 class GpuPowerMeter:
-    """Reads every GPU's power; a GPU whose read fails keeps its last value."""
+    """Reads one GPU's power in mW."""
+
+    kind = "GPU"
 
     def __init__(self, backend):
         self.backend = backend
-        self.ids = range(len(backend.gpus))
-        self.last = {}
-        self.failures = FailureLog("GPU")
+        self.ids = tuple(range(len(backend.gpus)))
 
-    def __call__(self):
-        values = {}
-        for index in self.ids:
-            try:
-                values[index] = self.backend.power_mw(index)
-            except DeviceError as err:
-                self.failures.failed(index, err)
-                if index in self.last:
-                    values[index] = self.last[index]
-            else:
-                if self.failures.failing:
-                    self.failures.succeeded(index)
-        self.last = values
-        return values
+    def read(self, index):
+        return self.backend.power_mw(index)
 
+    render_value = str
 
-def render_gpu_power(milliwatts):
-    return str(milliwatts)
+    @staticmethod
+    def device_json(timestamp_ms, index, milliwatts):
+        return b'{"timestamp_ms": %d, "gpu_id": %d, "power_mw": %d}' % (
+            timestamp_ms, index, milliwatts)
 
 
 class CpuPowerMeter:
-    """CPU and DRAM power: RAPL energy deltas over the measured time between two reads."""
+    """One CPU package's and its DRAM's power: RAPL energy deltas over the measured time between
+    two reads of that package; None while there is no usable earlier read."""
+
+    kind = "CPU"
 
     def __init__(self, packages, period):
-        self.packages = packages
+        self.packages = {package.index: package for package in packages}
+        self.ids = tuple(package.index for package in packages)
         self.shortest = period / 4
         self.longest = 2 * period
-        self.previous = None
-        self.last = {}
-        self.failures = FailureLog("CPU")
+        self.previous = {}
 
-    def __call__(self):
-        """{id: (cpu mW, DRAM mW or None)}, or None while there is no earlier read to compare."""
+    def read(self, index):
         now = time.monotonic()
-        energies = {}
-        for package in self.packages:
-            try:
-                energies[package.index] = package.read()
-            except DeviceError as err:
-                self.failures.failed(package.index, err)
-            else:
-                self.failures.succeeded(package.index)
-        previous = self.previous
+        previous = self.previous.get(index)
         if previous is not None and now - previous[0] < self.shortest:
             return None
-        self.previous = (now, energies)
+        cpu, dram = self.packages[index].read()
+        self.previous[index] = (now, cpu, dram)
         if previous is None or now - previous[0] > self.longest:
             return None
         seconds = now - previous[0]
-        values = dict(self.last)
-        for index, (cpu, dram) in energies.items():
-            before = previous[1].get(index)
-            if before is not None:
-                dram_mw = None
-                if dram is not None and before[1] is not None:
-                    dram_mw = int(round((dram - before[1]) / seconds / 1000.0))
-                values[index] = (int(round((cpu - before[0]) / seconds / 1000.0)), dram_mw)
-        self.last = values
-        return values
+        dram_mw = None
+        if dram is not None and previous[2] is not None:
+            dram_mw = int(round((dram - previous[2]) / seconds / 1000.0))
+        return int(round((cpu - previous[1]) / seconds / 1000.0)), dram_mw
 
+    @staticmethod
+    def render_value(value):
+        return '{"cpu_mw": %d, "dram_mw": %s}' % (value[0],
+                                                  "null" if value[1] is None else value[1])
 
-def render_cpu_power(value):
-    return '{"cpu_mw": %d, "dram_mw": %s}' % (value[0], "null" if value[1] is None else value[1])
+    @staticmethod
+    def device_json(timestamp_ms, index, value):
+        return b'{"timestamp_ms": %d, "cpu_id": %d, "cpu_mw": %d, "dram_mw": %s}' % (
+            timestamp_ms, index, value[0], b"null" if value[1] is None else b"%d" % value[1])
 
 
 class StreamSubscriber:
-    """An open SSE connection, written to by its sampler's thread without blocking."""
+    """An open SSE connection, written to by its sampler's relays without blocking: one event
+    per sample (all-devices) or one per device and sample (per-device), sent when a selected
+    value changed."""
 
-    __slots__ = ("sock", "ids", "last_values", "last_write", "pending", "closed")
+    __slots__ = ("sock", "ids", "per_device", "last_values", "last_write", "pending", "closed")
 
-    def __init__(self, sock, ids, last_values):
+    def __init__(self, sock, ids, per_device):
         self.sock = sock
         self.ids = ids
-        self.last_values = last_values
+        self.per_device = per_device
+        self.last_values = {} if per_device else None
         self.last_write = time.monotonic()
         self.pending = b""
         self.closed = False
 
-    def deliver(self, sample, now):
-        """Send the sample if a selected value changed, else a keep-alive comment when due."""
+    def events(self, sample):
+        """The events that sample holds for this subscriber (b"" if none), as sent."""
+        if self.per_device:
+            last, values, changed = self.last_values, sample.values, []
+            for index in self.ids:
+                value = values.get(index)
+                if value is not None and value != last.get(index):
+                    last[index] = value
+                    changed.append(sample.device_event(index))
+            return b"".join(changed)
         values, _, event = sample.render(self.ids)
-        if values != self.last_values:
-            self.last_values = values
-            self.write(event, now)
+        if values == self.last_values or not any(v is not None for v in values):
+            return b""
+        self.last_values = values
+        return event
+
+    def deliver(self, sample, now):
+        """Send the sample's events, else a keep-alive comment when one is due."""
+        data = self.events(sample)
+        if data:
+            self.write(data, now)
         elif now - self.last_write >= KEEPALIVE_COMMENT_S:
             self.write(SSE_KEEPALIVE, now)
 
@@ -854,38 +907,55 @@ class StreamSubscriber:
 
 
 class Sampler:
-    """Reads all devices of one kind at a fixed rate while anyone subscribes; broadcasts samples.
+    """Reads every device of one kind at a fixed rate while anyone subscribes, and broadcasts
+    each sample.
 
-    With no subscriber its thread sleeps on a condition and makes no device call. Each sample
-    is published through one condition variable (one-shot readers wait on it), and the thread
-    writes it to every open stream with non-blocking sends: one hardware read and one
-    rendering per selection per tick, and no thread wake-up per subscriber.
+    With no subscriber its relays sleep on a condition and make no device call. Two relay
+    threads take the ticks of one schedule in turn (each wakes once every two periods, so a
+    tick costs what it would on one thread): a tick reads each device once, publishes the
+    sample through a condition (one-shot readers wait on it) and writes it to every open
+    stream with non-blocking sends. A relay stuck in a device read is left behind: the next
+    tick waits at most one period for that read, then counts the device as not answering
+    (left out, an error for one-shot readers) until the read returns, and a new relay takes
+    the stuck one's place. Healthy devices are thus never delayed by more than one period.
     """
 
-    def __init__(self, kind, hz, measure, render_value):
-        self.kind = kind
+    def __init__(self, hz, meter):
+        self.kind = meter.kind
         self.period = 1.0 / hz
-        self.measure = measure
-        self.render_value = render_value
+        self.meter = meter
         self.lock = threading.Lock()
         self.demand = threading.Condition(self.lock)
         self.published = threading.Condition(self.lock)
-        self.read_lock = threading.Lock()
+        self.tick_done = threading.Condition(self.lock)
         self.subscribers = 0
         self.streams = ()
         self.latest = None
         self.stopped = False
-        self.broken = False
-        self.thread = threading.Thread(target=self.run, name=kind + "-sampler", daemon=True)
+        self.next_due = 0.0
+        self.ticker = None  # the token of the tick in progress
+        self.reading = None  # (device, monotonic start) of its read in flight
+        self.hung = {}  # device -> monotonic start of a read that has not returned
+        self.tick_waiters = 0
+        self.relays = 0  # relay threads not stuck in a device read
+        self.failures = FailureLog(meter.kind)
 
-    def subscribe(self):
+    def start(self):
         with self.lock:
-            self.subscribers += 1
-            self.demand.notify()
+            while self.relays < RELAYS:
+                self.spawn_relay()
 
-    def unsubscribe(self):
-        with self.lock:
-            self.subscribers -= 1
+    def spawn_relay(self):
+        """Start one more relay (the caller holds the lock)."""
+        self.relays += 1
+        threading.Thread(target=self.relay, name="%s-sampler" % self.kind.lower(),
+                         daemon=True).start()
+
+    def add_subscriber(self):
+        """One more reader wants samples (the caller holds the lock)."""
+        self.subscribers += 1
+        if self.subscribers == 1:
+            self.demand.notify_all()
 
     def add_stream(self, subscriber):
         """Deliver every later sample to subscriber; False if the sampler has stopped."""
@@ -893,8 +963,7 @@ class Sampler:
             if self.stopped:
                 return False
             self.streams += (subscriber,)
-            self.subscribers += 1
-            self.demand.notify()
+            self.add_subscriber()
             return True
 
     def remove_stream(self, subscriber):
@@ -909,6 +978,7 @@ class Sampler:
             self.stopped = True
             self.demand.notify_all()
             self.published.notify_all()
+            self.tick_done.notify_all()
             streams = self.streams
         for subscriber in streams:
             subscriber.close()
@@ -920,71 +990,139 @@ class Sampler:
             return sample
         return None
 
-    def current(self):
-        """A fresh sample: the latest, one read now, or the next one the sampler takes."""
+    def covering(self, ids):
+        """The latest sample if it is fresh and has a value or an error for each of ids."""
         sample = self.fresh()
-        if sample is None:
-            with self.read_lock:
-                sample = self.fresh() or self.take()
-        if sample is None:
-            self.subscribe()
+        if sample is not None and all(i in sample.values or i in sample.errors for i in ids):
+            return sample
+        return None
+
+    def current(self, ids):
+        """A fresh sample covering ids: the latest, or the next the relays take; None if none
+        comes within two periods (and a grace)."""
+        sample = self.covering(ids)
+        if sample is not None:
+            return sample
+        deadline = time.monotonic() + 2 * self.period + ONE_SHOT_GRACE_S
+        with self.lock:
+            self.add_subscriber()
             try:
-                sample = self.next_after(self.latest, 2 * self.period + 1.0)
+                while not self.stopped:
+                    sample = self.covering(ids)
+                    remaining = deadline - time.monotonic()
+                    if sample is not None or remaining <= 0:
+                        return sample
+                    self.published.wait(remaining)
             finally:
-                self.unsubscribe()
-        return sample
+                self.subscribers -= 1
+        return None
 
-    def next_after(self, sample, timeout):
-        """The first sample newer than `sample`, or None after timeout seconds or on stop."""
-        with self.lock:
-            if self.latest is sample and not self.stopped:
-                self.published.wait(timeout)
-            latest = self.latest
-        return None if latest is sample or self.stopped else latest
-
-    def take(self):
-        """Measure and publish (the caller holds read_lock); None if the meter needs more reads."""
-        values = self.measure()
-        if values is None:
-            return None
-        sample = Sample(values, self.render_value)
-        with self.lock:
-            self.latest = sample
-            self.published.notify_all()
-        return sample
-
-    def run(self):
-        """Tick while anyone subscribes; a meter that needs another read gets it half a period
-        later, so that even a CPU stream's first event comes within one period."""
-        next_tick = 0.0
+    def relay(self):
+        """Take the next tick of the schedule, sleep until it is due, run it; repeat while
+        anyone subscribes. A meter that needs another read (a CPU package's first) gets it
+        half a period later, so that even a CPU stream's first event comes within one period."""
         while True:
             with self.lock:
                 while not self.subscribers and not self.stopped:
                     self.demand.wait()
-                if self.stopped:
+                if self.stopped or self.relays > RELAYS:
+                    self.relays -= 1
                     return
-            now = time.monotonic()
-            if next_tick < now - self.period:
-                next_tick = now
-            elif next_tick > now:
-                time.sleep(next_tick - now)
-                if not self.subscribers:
-                    continue
-            try:
-                with self.read_lock:
-                    sample = self.take()
-                self.broken = False
-            except Exception:
-                if not self.broken:
-                    log.exception("%s sampler: reading the devices failed", self.kind)
-                self.broken = True
-                sample = None
-            if sample is not None:
                 now = time.monotonic()
-                for subscriber in self.streams:
-                    if not subscriber.closed:
-                        subscriber.deliver(sample, now)
-            next_tick += self.period if sample is not None else self.period / 2
+                due = self.next_due if self.next_due > now - self.period else now
+                self.next_due = due + self.period
+            delay = due - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            outcome = self.tick() if self.subscribers and not self.stopped else None
+            if outcome == "warming" and not self.stopped:
+                time.sleep(self.period / 2)
+                self.tick()
+
+    def tick(self):
+        """Read each device once and publish the sample: "done", "warming" (a meter needs another
+        read), or "abandoned" (this relay was stuck in a read and was left behind)."""
+        token = object()
+        with self.lock:
+            self.wait_for_tick_in_progress()
+            if self.stopped:
+                return "abandoned"
+            self.ticker = token
+        taken, timestamp_ms = time.monotonic(), int(time.time() * 1000)
+        values, errors, warming = {}, {}, False
+        for index in self.meter.ids:
+            with self.lock:
+                since = self.hung.get(index)
+                if since is None:
+                    self.reading = (index, time.monotonic())
+            if since is not None:
+                errors[index] = DeviceError("timeout", "%s %d did not answer within %d ms (its "
+                                            "read has been pending for %.1f s)" % (
+                                                self.kind, index, self.period * 1000,
+                                                time.monotonic() - since))
+                continue
+            value = error = None
+            try:
+                value = self.meter.read(index)
+            except DeviceError as err:
+                error = err
+            except Exception as err:
+                error = DeviceError("failed", "%s %d: unexpected error reading it: %s: %s"
+                                    % (self.kind, index, type(err).__name__, err))
+            with self.lock:
+                if self.ticker is not token:
+                    self.left_behind(index)
+                    return "abandoned"
+                self.reading = None
+            if error is not None:
+                errors[index] = error
+            elif value is None:
+                warming = True
+            else:
+                values[index] = value
+        self.publish(Sample(taken, timestamp_ms, values, errors, self.meter))
+        return "warming" if warming else "done"
+
+    def wait_for_tick_in_progress(self):
+        """Wait (holding the lock) until no other tick is in progress, or until the read it is
+        in has taken one period: that relay is then left behind, its device marked as hung."""
+        while self.ticker is not None and not self.stopped:
+            timeout = self.period
+            if self.reading is not None:
+                index, since = self.reading
+                timeout = since + self.period - time.monotonic()
+                if timeout <= 0:
+                    self.hung[index] = since
+                    self.ticker = self.reading = None
+                    self.relays -= 1
+                    if self.relays < RELAYS:
+                        self.spawn_relay()
+                    return
+            self.tick_waiters += 1
+            self.tick_done.wait(timeout)
+            self.tick_waiters -= 1
+
+    def left_behind(self, index):
+        """A read that was declared hung has returned (the caller holds the lock)."""
+        self.hung.pop(index, None)
+        self.relays += 1
+
+    def publish(self, sample):
+        for index, err in sample.errors.items():
+            self.failures.failed(index, err)
+        self.failures.answered(sample.values)
+        with self.lock:
+            self.latest = sample
+            self.published.notify_all()
+            streams = self.streams
+        now = time.monotonic()
+        for subscriber in streams:
+            if not subscriber.closed:
+                subscriber.deliver(sample, now)
+        with self.lock:
+            self.ticker = None
+            if self.tick_waiters:
+                self.tick_done.notify()
 
 
 # ---- Node: the devices, samplers and control workers that the enabled groups need ----
@@ -1003,14 +1141,13 @@ class Node:
         self.cpu_ids = tuple(package.index for package in self.cpus)
         self.cpu_by_id = {package.index: package for package in self.cpus}
         self.control = GpuControl(self.gpu) if "gpu-control" in groups else None
-        self.gpu_sampler = Sampler("gpu", gpu_hz, GpuPowerMeter(self.gpu), render_gpu_power)
-        self.cpu_sampler = Sampler("cpu", cpu_hz, CpuPowerMeter(self.cpus, 1.0 / cpu_hz),
-                                   render_cpu_power)
+        self.gpu_sampler = Sampler(gpu_hz, GpuPowerMeter(self.gpu))
+        self.cpu_sampler = Sampler(cpu_hz, CpuPowerMeter(self.cpus, 1.0 / cpu_hz))
         self.guard = RaplWrapGuard(self.cpus) if self.cpus else None
 
     def start(self):
-        self.gpu_sampler.thread.start()
-        self.cpu_sampler.thread.start()
+        self.gpu_sampler.start()
+        self.cpu_sampler.start()
         if self.guard:
             self.guard.thread.start()
 
@@ -1150,7 +1287,7 @@ def select_ids(requested, available, kind, list_unknown=False):
 
 Request = collections.namedtuple("Request", "method path query version headers")
 Route = collections.namedtuple("Route", "group method params handler")
-Stream = collections.namedtuple("Stream", "sampler ids")
+Stream = collections.namedtuple("Stream", "sampler ids per_device")
 IDS = (parse_ids, False)
 REQUIRED_IDS = (parse_ids, True)
 BOOL = (parse_bool, True)
@@ -1162,10 +1299,11 @@ class Api:
     """Answers a parsed request: route, group gate, auth and scope, method, parameters,
     handler, in that order; every failure becomes an error Reply."""
 
-    def __init__(self, node, groups, authenticator):
+    def __init__(self, node, groups, authenticator, stream_format="all-devices"):
         self.node = node
         self.groups = groups
         self.auth = authenticator
+        self.per_device = stream_format == "per-device"
         self.disabled = {}
         self.routes = {}
         for path, route in self.all_routes().items():
@@ -1318,22 +1456,29 @@ class Api:
 
     def gpu_power(self, args, claims):
         ids = select_ids(args.get("gpu_ids"), self.node.gpu_ids, "GPU", list_unknown=True)
-        return Reply(200, self.node.gpu_sampler.current().render(ids)[1])
+        return self.power(self.node.gpu_sampler, ids)
 
     def gpu_stream(self, args, claims):
         return Stream(self.node.gpu_sampler, select_ids(args.get("gpu_ids"), self.node.gpu_ids,
-                                                        "GPU", list_unknown=True))
+                                                        "GPU", list_unknown=True), self.per_device)
 
     def cpu_power(self, args, claims):
         ids = select_ids(args.get("cpu_ids"), self.node.cpu_ids, "CPU", list_unknown=True)
-        sample = self.node.cpu_sampler.current()
-        if sample is None:
-            raise HttpError(503, "No CPU power sample is available; try again.")
-        return Reply(200, sample.render(ids)[1])
+        return self.power(self.node.cpu_sampler, ids)
 
     def cpu_stream(self, args, claims):
         return Stream(self.node.cpu_sampler, select_ids(args.get("cpu_ids"), self.node.cpu_ids,
-                                                        "CPU", list_unknown=True))
+                                                        "CPU", list_unknown=True), self.per_device)
+
+    @staticmethod
+    def power(sampler, ids):
+        """A fresh sample's values for ids, or the errors of those that failed or hang."""
+        sample = sampler.current(ids)
+        if sample is None:
+            raise HttpError(503, "No %s power sample came within %d ms; try again."
+                            % (sampler.kind, (2 * sampler.period + ONE_SHOT_GRACE_S) * 1000))
+        errors = {i: sample.errors[i] for i in ids if i in sample.errors}
+        return errors_reply(errors) if errors else Reply(200, sample.render(ids)[1])
 
     def cpu_energy(self, args, claims):
         results, errors = {}, {}
@@ -1644,16 +1789,11 @@ class HttpConnection(socketserver.BaseRequestHandler):
         The sampler's thread writes the events; this thread waits on the socket, so a client
         that goes away is noticed at once and the thread ends.
         """
-        sampler, ids, sock = stream.sampler, stream.ids, self.sock
+        sampler, sock = stream.sampler, self.sock
+        subscriber = StreamSubscriber(sock, stream.ids, stream.per_device)
         first = sampler.fresh()
         sock.settimeout(STREAM_SEND_TIMEOUT_S)
-        if first is None:
-            sock.sendall(SSE_HEAD)
-            subscriber = StreamSubscriber(sock, ids, None)
-        else:
-            values, _, event = first.render(ids)
-            sock.sendall(SSE_HEAD + event)
-            subscriber = StreamSubscriber(sock, ids, values)
+        sock.sendall(SSE_HEAD + (subscriber.events(first) if first is not None else b""))
         sock.settimeout(None)
         self.server.stream_started()
         try:
@@ -2036,7 +2176,7 @@ def build_parser():
         prog="zeusd",
         description="The Zeus daemon manages and monitors compute devices on the node",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-V", "--version", action="version", version="zeusd " + __version__)
+    parser.add_argument("-V", "--version", action="version", version=VERSION_LINE)
     commands = parser.add_subparsers(dest="command", metavar="<COMMAND>", title="commands")
     commands.required = True
 
@@ -2081,6 +2221,13 @@ def build_parser():
     serve.add_argument("--max-connections", type=int_range_arg(1, 1000000), default=1024,
                        help="Most connections served at once; one more is answered 503\n"
                             "[default: 1024]")
+    serve.add_argument("--stream-format", choices=STREAM_FORMATS, default="all-devices",
+                       help="Shape of the SSE events of the stream endpoints [default: "
+                            "all-devices]\n"
+                            "  - all-devices: one event per sample with every selected device "
+                            "(zeusd 0.4,\n    Zeus 0.15)\n"
+                            "  - per-device:  one event per device and sample (zeusd 0.5+, "
+                            "Zeus 0.16+)")
     serve.add_argument("--rapl-dir", default=None,
                        help="RAPL sysfs root [default: %s, or %s if only that exists]"
                             % RAPL_DIRS)
@@ -2165,7 +2312,7 @@ def serve(args, groups):
     if args.signing_key_path is not None:
         authenticator = Authenticator(args.signing_key_path)
     node = open_devices(args, groups, authenticator)
-    api = Api(node, groups, authenticator)
+    api = Api(node, groups, authenticator, args.stream_format)
     raise_file_limit(args.max_connections + FILE_LIMIT_HEADROOM)
     server = open_server(args, api)
     if args.mode == "tcp" and authenticator is None:
