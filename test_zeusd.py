@@ -88,6 +88,8 @@ def _call(name, gpu, *args):
     state = _state()
     _log(" ".join([name, str(gpu)] + [str(a) for a in args]))
     delay = state.get("delay", {}).get(name)
+    if isinstance(delay, dict):
+        delay = delay.get(str(gpu))
     if delay:
         time.sleep(delay)
         _log(" ".join([name + ".done", str(gpu)]))
@@ -134,7 +136,9 @@ def nvmlDeviceGetTotalEnergyConsumption(handle):
 def nvmlDeviceGetFieldValues(handle, field_ids):
     gpu = _call("nvmlDeviceGetFieldValues", handle, *field_ids)
     code = gpu.get("instant_code", 0 if gpu.get("instant", True) else 3)
-    return [Struct(nvmlReturn=code, valueType=1, value=Struct(uiVal=gpu.get("instant_mw", 0)))
+    milliwatts = gpu.get("instant_mw", 0) + (int(time.time() * 1e6) % 997 if gpu.get("jitter")
+                                             else 0)
+    return [Struct(nvmlReturn=code, valueType=1, value=Struct(uiVal=milliwatts))
             for _ in field_ids]
 
 
@@ -1415,6 +1419,17 @@ def test_control_endpoints_call_nvml_on_every_gpu(node, start):
     assert ("nvmlDeviceSetPersistenceMode", "1", "1") in node.calls()
 
 
+def test_reset_locked_clocks_resets_gpu_then_memory_clocks(node, start):
+    daemon = start()
+    assert daemon.post("/gpu/reset_locked_clocks?gpu_ids=1&block=true").status == 200
+    assert node.calls("nvmlDeviceResetGpuLockedClocks", "nvmlDeviceResetMemoryLockedClocks") == [
+        ("nvmlDeviceResetGpuLockedClocks", "1"), ("nvmlDeviceResetMemoryLockedClocks", "1")]
+    node.update(fail={"nvmlDeviceResetMemoryLockedClocks": {"0": 4}})
+    errors = errors_of(daemon.post("/gpu/reset_locked_clocks?gpu_ids=0,1&block=true"), 403)
+    assert list(errors) == ["0"] and "Insufficient Permissions" in errors["0"]
+    assert daemon.get("/gpu/reset_locked_clocks?gpu_ids=0&block=true").status == 405
+
+
 def test_control_with_unknown_gpu_changes_nothing(node, start):
     daemon = start()
     response = daemon.post("/gpu/set_power_limit?gpu_ids=0,7&power_limit_mw=200000&block=true")
@@ -1606,6 +1621,44 @@ def test_wraparound_keeps_energy_monotonic(node, start):
     assert daemon.get_json(path)["0"]["cpu_energy_uj"] == MAX_RANGE_UJ + 50
 
 
+def test_rapl_glitch_is_an_error_not_a_jump(node, start):
+    daemon = start()
+    path = "/cpu/get_cumulative_energy?cpu_ids=0&cpu=true&dram=false"
+    node.set_energy("intel-rapl:0", 5000000)
+    assert daemon.get_json(path)["0"]["cpu_energy_uj"] == 5000000
+    node.set_energy("intel-rapl:0", 4999999)
+    assert "glitch" in errors_of(daemon.get(path), 500)["0"]
+    node.set_energy("intel-rapl:0", 5000100)
+    assert daemon.get_json(path)["0"]["cpu_energy_uj"] == 5000100
+
+
+def test_garbage_in_energy_uj_is_an_error_not_a_stale_value(node, start):
+    daemon = start("--cpu-power-poll-hz", "20")
+    with RaplTicker(node, {"intel-rapl:0": (1000000, 50.0)}):
+        assert daemon.get_json("/cpu/get_power?cpu_ids=0")["power_mw"]["0"]["cpu_mw"] > 0
+    fd = os.open(os.path.join(node.rapl, "intel-rapl:0", "energy_uj"), os.O_WRONLY)
+    os.pwrite(fd, b"garbage\n\n\n\n\n", 0)
+    os.close(fd)
+    wait_for(lambda: daemon.get("/cpu/get_power?cpu_ids=0").status == 500, "the read to fail")
+    assert "not a number" in errors_of(daemon.get("/cpu/get_power?cpu_ids=0"), 500)["0"]
+    assert daemon.get_json("/cpu/get_power?cpu_ids=1")["power_mw"]["1"]["cpu_mw"] == 0
+
+
+def test_replaced_energy_file_is_reopened(node, start):
+    daemon = start()
+    path = "/cpu/get_cumulative_energy?cpu_ids=0&cpu=true&dram=false"
+    node.set_energy("intel-rapl:0", 2000000)
+    assert daemon.get_json(path)["0"]["cpu_energy_uj"] == 2000000
+    energy_file = os.path.join(node.rapl, "intel-rapl:0", "energy_uj")
+    with open(energy_file + ".new", "w") as replacement:
+        replacement.write("%012d\n" % 100)
+    os.replace(energy_file + ".new", energy_file)
+    assert daemon.get_json(path)["0"]["cpu_energy_uj"] == 2000000
+    node.set_energy("intel-rapl:0", 600)
+    assert daemon.get_json(path)["0"]["cpu_energy_uj"] == 2000500
+    assert "was replaced" in daemon.log()
+
+
 def test_unreadable_rapl_zone_is_skipped(node, start):
     os.remove(os.path.join(node.rapl, "intel-rapl:1", "max_energy_range_uj"))
     daemon = start()
@@ -1729,6 +1782,63 @@ def test_stream_survives_device_failures_and_logs_once(node, start):
     stream.close()
 
 
+def count_events(stream, seconds):
+    """Per-device events received within seconds: {gpu_id: count}."""
+    counts = collections.Counter()
+    deadline = time.monotonic() + seconds
+    while True:
+        event = stream.next_event(timeout=max(0.0, deadline - time.monotonic()))
+        if event is None:
+            return counts
+        counts[event["gpu_id"]] += 1
+
+
+def test_a_hung_gpu_does_not_stall_the_others(node, start):
+    node.set_gpu(0, jitter=True)
+    daemon = start("--gpu-power-poll-hz", "100", "--stream-format", "per-device")
+    stream = daemon.stream("/gpu/stream_power?gpu_ids=0,2")
+    assert {stream.next_event()["gpu_id"] for _ in range(2)} == {0, 2}
+    node.update(delay={"nvmlDeviceGetFieldValues": {"2": 3.0}})
+    wait_for(lambda: "GPU 2 did not answer within 10 ms" in daemon.log(), "the hang to be seen")
+    started = time.monotonic()
+    assert daemon.get_json("/gpu/get_power?gpu_ids=0")["power_mw"]["0"] > 0
+    assert time.monotonic() - started < 0.1
+    errors = errors_of(daemon.get("/gpu/get_power"), 503)
+    assert list(errors) == ["2"] and "did not answer within 10 ms" in errors["2"]
+    counts = count_events(stream, 1.0)
+    assert counts[0] >= 90 and counts[2] == 0, counts
+    node.update(delay={})
+    wait_for(lambda: "GPU 2 reads again" in daemon.log(), "GPU 2 to recover", timeout=6)
+    assert daemon.get_json("/gpu/get_power")["power_mw"]["2"] == 99000
+    assert daemon.log().count("GPU 2 did not answer") == 1
+    stream.close()
+
+
+def test_per_device_stream_format(node, start):
+    daemon = start("--stream-format", "per-device", "--gpu-power-poll-hz", "50",
+                   "--cpu-power-poll-hz", "20")
+    stream = daemon.stream("/gpu/stream_power?gpu_ids=2,0")
+    started = time.monotonic()
+    first = [stream.next_event(), stream.next_event()]
+    assert time.monotonic() - started < 0.1
+    assert sorted((e["gpu_id"], e["power_mw"]) for e in first) == [(0, 76000), (2, 99000)]
+    assert all(sorted(e) == ["gpu_id", "power_mw", "timestamp_ms"] for e in first)
+    node.set_gpu(2, instant_mw=55000)
+    event = stream.next_event()
+    assert (event["gpu_id"], event["power_mw"]) == (2, 55000)
+    assert stream.next_event(timeout=0.2) is None
+    stream.close()
+    with RaplTicker(node, {"intel-rapl:0": (1000000, 50.0), "intel-rapl:1": (7, 20.0)}):
+        cpu_stream = daemon.stream("/cpu/stream_power")
+        events = {}
+        while len(events) < 2:
+            event = cpu_stream.next_event()
+            events[event["cpu_id"]] = event
+        assert sorted(events[0]) == ["cpu_id", "cpu_mw", "dram_mw", "timestamp_ms"]
+        assert events[1]["dram_mw"] is None and 15000 < events[1]["cpu_mw"] < 25000
+        cpu_stream.close()
+
+
 def test_sampler_survives_unexpected_errors(node, start):
     daemon = start("--gpu-power-poll-hz", "100")
     stream = daemon.stream("/gpu/stream_power?gpu_ids=2")
@@ -1829,6 +1939,35 @@ def test_parse_ids_and_values():
             zeusd.parse_ids("gpu_ids", bad)
     assert zeusd.parse_u32("p", "4294967295") == 4294967295
     assert zeusd.parse_bool("b", "True") is True
+
+
+def test_rapl_counter_glitch_is_refused_not_a_wrap(tmp_path):
+    zone = tmp_path / "zone"
+    zone.mkdir()
+    (zone / "max_energy_range_uj").write_text("1000\n")
+    (zone / "energy_uj").write_text("900\n")
+    counter = zeusd.RaplCounter(str(zone))
+    for raw, expected in ((899, ValueError), (901, 901), (600, ValueError), (5, 1005)):
+        (zone / "energy_uj").write_text("%d\n" % raw)
+        if expected is ValueError:
+            with pytest.raises(ValueError, match="glitch"):
+                counter.read()
+        else:
+            assert counter.read() == expected
+
+
+def test_rapl_counter_follows_a_replaced_file(tmp_path):
+    zone = tmp_path / "zone"
+    zone.mkdir()
+    (zone / "max_energy_range_uj").write_text("1000\n")
+    (zone / "energy_uj").write_text("700\n")
+    counter = zeusd.RaplCounter(str(zone))
+    assert counter.read() == 700
+    (zone / "new").write_text("3\n")
+    os.replace(str(zone / "new"), str(zone / "energy_uj"))
+    assert counter.read() == 700
+    (zone / "energy_uj").write_text("13\n")
+    assert counter.read() == 710
 
 
 def test_rapl_counter_wraparound(tmp_path):

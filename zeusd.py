@@ -395,6 +395,11 @@ class GpuBackend:
     def reset_mem_locked_clocks(self, index):
         raise NotImplementedError
 
+    def reset_locked_clocks(self, index):
+        """Reset both the GPU and the memory locked clocks, in that order."""
+        self.reset_gpu_locked_clocks(index)
+        self.reset_mem_locked_clocks(index)
+
 
 def text_of(value):
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
@@ -1339,6 +1344,8 @@ class Api:
                 self.control("set_mem_locked_clocks", "min_clock_mhz", "max_clock_mhz")),
             "/gpu/reset_mem_locked_clocks": Route(
                 "gpu-control", "POST", ctl, self.control("reset_mem_locked_clocks")),
+            "/gpu/reset_locked_clocks": Route(
+                "gpu-control", "POST", ctl, self.control("reset_locked_clocks")),
             "/gpu/get_power": Route("gpu-read", "GET", gpu_ids, self.gpu_power),
             "/gpu/stream_power": Route("gpu-read", "GET", gpu_ids, self.gpu_stream),
             "/gpu/get_cumulative_energy": Route(
