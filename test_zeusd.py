@@ -418,7 +418,8 @@ def skip_unless_root_may_start(args):
         return
     args = list(args)
     enabled = ",".join(args[i + 1] for i, arg in enumerate(args[:-1]) if arg == "--enable")
-    needs = [g for g in zeusd.ROOT_GROUPS if g in (enabled or ",".join(zeusd.API_GROUPS))]
+    needs = [g for g in zeusd.ROOT_GROUPS if g in (enabled or ",".join(zeusd.API_GROUPS))
+             and not (g == "gpu-control" and "--gpu-command-overrides" in args)]
     if needs:
         pytest.skip("needs root: the daemon's groups %s require uid 0" % ", ".join(needs))
 
@@ -1900,6 +1901,202 @@ def test_slow_stream_reader_is_dropped():
     assert subscriber.closed
     left.close()
     right.close()
+
+
+# ---- §9 GPU command overrides ----
+
+TOML_DOCUMENTS = [
+    '[set_power_limit]\ncommands = ["sudo /usr/local/bin/set_powercap.sh -value {power_limit_w} '
+    '-gpu {gpu_id}"]\nerror_pattern = "(?i)error|fail|cannot|unable|not supported"\n'
+    'timeout_s = 30\n',
+    "# comment\n\n[reset_locked_clocks]  # trailing comment\ncommands = [\n  'a b',  # one\n"
+    "  \"c \\\"d\\\" \\\\ \\t \\u00e9 \\U0001F600\",\n]\ntimeout_s = +1_000\n",
+    "[a]\nx = true\ny = false\nz = [1, 'two', [3]]\nw = []\n[b-c_d]\nk = -0\n",
+    "[t]\r\nk = 'v'\r\n",
+]
+TOML_ERRORS = [
+    "k = 1\n", "[a]\nk = 1\nk = 2\n", "[a]\n[a]\n", "[a]\nk = \"open\n", "[a]\nk = 1.5\n",
+    "[a]\nk = 01\n", "[a]\nk = 1 2\n", "[a]\nk = [1 2]\n", "[a]\nk = \"\\q\"\n",
+    "[a]\nk = '''x'''\n", "[a]\n\"q\" = 1\n", "[a]\nk = \"\\ud800\"\n", "[a]\nk = 1__0\n",
+    "[a]\nk = 'a\x01'\n", "[a]\nk = \"x\" # \x00\n", "[a]\nk = 1_\n", "[a]\nk = tru\n",
+]
+
+
+@pytest.mark.parametrize("text", TOML_DOCUMENTS)
+def test_toml_subset_reads_as_tomllib_does(text):
+    parsed = zeusd.parse_toml(text)
+    try:
+        import tomllib
+    except ImportError:
+        pytest.skip("tomllib (Python 3.11+) is not here to compare with")
+    assert parsed == tomllib.loads(text)
+
+
+@pytest.mark.parametrize("text", TOML_ERRORS)
+def test_toml_subset_refuses_what_it_does_not_read(text):
+    with pytest.raises(ValueError, match="line [0-9]+: "):
+        zeusd.parse_toml(text)
+
+
+def write_script(directory, name, body):
+    path = os.path.join(directory, name)
+    with open(path, "w") as script:
+        script.write("#!/bin/sh\n" + body)
+    os.chmod(path, 0o755)
+    return path
+
+
+@pytest.fixture
+def overrides(node):
+    """Scripts that record their arguments, fail, print an error, or hang, and a writer of
+    override files that name them as @ok, @fail, @print and @hang."""
+    directory = os.path.join(node.root, "scripts")
+    os.mkdir(directory)
+    record = os.path.join(directory, "record.txt")
+    scripts = {
+        "ok": write_script(directory, "ok.sh", 'echo "$0 $*" >> %s\n' % record),
+        "fail": write_script(directory, "fail.sh", 'echo "no such GPU" >&2\nexit 1\n'),
+        "print": write_script(directory, "print.sh", 'echo "Error: unable to set"\n'),
+        "hang": write_script(directory, "hang.sh", 'echo "$$" > %s.pid\nsleep 30\n' % record),
+    }
+
+    def write(text, mode=0o644):
+        path = os.path.join(node.root, "overrides.toml")
+        with open(path, "w") as override_file:
+            for name, script in scripts.items():
+                text = text.replace("@" + name, script)
+            override_file.write(text)
+        os.chmod(path, mode)
+        return path
+
+    def recorded():
+        if not os.path.exists(record):
+            return []
+        with open(record) as record_file:
+            return [line.split()[1:] for line in record_file]
+    write.recorded = recorded
+    write.pid_file = record + ".pid"
+    return write
+
+
+def test_overrides_replace_control_operations(node, start, overrides):
+    path = overrides(
+        '[set_power_limit]\ncommands = ["@ok -value {power_limit_w} -mw={power_limit_mw} '
+        '-gpu {gpu_id}", "@ok \'quoted word\' {gpu_id}"]\n'
+        '[set_persistence_mode]\ncommands = ["@ok pm {enabled}"]\n'
+        '[set_gpu_locked_clocks]\ncommands = ["@ok clocks {min_clock_mhz}-{max_clock_mhz}"]\n'
+        '[reset_locked_clocks]\ncommands = ["@ok reset {gpu_id}"]\n')
+    daemon = start("--gpu-command-overrides", path)
+    assert "GPU command overrides from %s: set_power_limit" % path in daemon.log()
+    assert daemon.post("/gpu/set_power_limit?gpu_ids=0,2&power_limit_mw=250500&block=true"
+                       ).status == 200
+    assert sorted(overrides.recorded()) == [
+        ["-value", "250", "-mw=250500", "-gpu", "0"], ["-value", "250", "-mw=250500", "-gpu", "2"],
+        ["quoted", "word", "0"], ["quoted", "word", "2"]]
+    for query, expected in (
+            ("set_persistence_mode?gpu_ids=1&enabled=true", ["pm", "1"]),
+            ("set_gpu_locked_clocks?gpu_ids=1&min_clock_mhz=900&max_clock_mhz=1410",
+             ["clocks", "900-1410"]),
+            ("reset_locked_clocks?gpu_ids=1", ["reset", "1"])):
+        assert daemon.post("/gpu/%s&block=true" % query).status == 200
+        assert overrides.recorded()[-1] == expected
+    assert node.calls(*POWER_SETTERS) == []
+    assert daemon.post("/gpu/reset_mem_locked_clocks?gpu_ids=1&block=true").status == 200
+    assert node.calls(*POWER_SETTERS) == [("nvmlDeviceResetMemoryLockedClocks", "1")]
+    assert daemon.post("/gpu/set_persistence_mode?gpu_ids=0&enabled=false&block=false"
+                       ).status == 200
+    wait_for(lambda: overrides.recorded()[-1] == ["pm", "0"], "the non-blocking command")
+
+
+@pytest.mark.parametrize("commands, reason", [
+    ('["@fail", "@ok never"]', "exited with status 1; stdout: ; stderr: no such GPU"),
+    ('["@print"]', "printed output matching error_pattern"),
+    ('["@hang"]', "did not finish within 1 s and was killed"),
+    ('["/nonexistent/tool"]', "could not be started"),
+])
+def test_override_failures_are_500_per_gpu(node, start, overrides, commands, reason):
+    path = overrides('[set_power_limit]\ncommands = %s\nerror_pattern = "(?i)error|unable"\n'
+                     'timeout_s = 1\n' % commands)
+    daemon = start("--gpu-command-overrides", path)
+    started = time.monotonic()
+    errors = errors_of(daemon.post("/gpu/set_power_limit?gpu_ids=0,1&power_limit_mw=250000"
+                                   "&block=true"), 500)
+    assert sorted(errors) == ["0", "1"] and reason in errors["0"]
+    assert errors["0"].startswith("command '")
+    assert time.monotonic() - started < 5
+    assert overrides.recorded() == []
+    if commands == '["@hang"]':
+        with open(overrides.pid_file) as pid_file:
+            pid = int(pid_file.read())
+        wait_for(lambda: not os.path.exists("/proc/%d" % pid) or
+                 open("/proc/%d/stat" % pid).read().split(") ")[1].startswith("Z"),
+                 "the hung command to be killed")
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ('[set_power]\ncommands = ["x"]\n', "[set_power] is not an operation"),
+    ('[set_power_limit]\ncommands = ["x"]\nretries = 2\n', "unknown key 'retries'"),
+    ('[set_power_limit]\ncommands = []\n', "[set_power_limit] needs 'commands'"),
+    ('[set_power_limit]\ncommands = "x"\n', "[set_power_limit] needs 'commands'"),
+    ('[set_power_limit]\ncommands = ["x"]\nerror_pattern = "("\n', "not a valid regular"),
+    ('[set_power_limit]\ncommands = ["x"]\ntimeout_s = 0\n', "positive integer"),
+    ('[set_power_limit]\ncommands = ["x"]\ntimeout_s = true\n', "positive integer"),
+    ('[reset_gpu_locked_clocks]\ncommands = ["x {power_limit_w}"]\n', "uses {power_limit_w}"),
+    ('[set_power_limit]\ncommands = ["x \'open"]\n', "cannot be split"),
+    ('[set_power_limit]\ncommands = ["x"\n', "line 3"),
+])
+def test_bad_override_files_exit_1_naming_the_problem(start, overrides, text, fragment):
+    daemon = start("--gpu-command-overrides", overrides(text), wait=False)
+    assert daemon.wait_exit() == 1
+    assert fragment in daemon.log()
+    assert not os.path.exists(daemon.socket_path)
+
+
+def test_override_file_must_be_trusted(node, start, overrides):
+    daemon = start("--gpu-command-overrides", overrides('[set_power_limit]\ncommands = ["x"]\n',
+                                                        0o666), wait=False)
+    assert daemon.wait_exit() == 1 and "writable by everyone" in daemon.log()
+    path = overrides('[set_power_limit]\ncommands = ["@ok"]\n', 0o664)
+    assert "writable by its group" in start("--gpu-command-overrides", path).log()
+    if IS_ROOT:
+        os.chown(path, 65534, 65534)
+        os.chmod(path, 0o644)
+        daemon = start("--gpu-command-overrides", path, wait=False)
+        assert daemon.wait_exit() == 1 and "owned by uid 65534" in daemon.log()
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="needs root to run the daemon as an unprivileged user")
+def test_overrides_let_gpu_control_run_without_root():
+    python = unprivileged_python()
+    if python is None:
+        pytest.skip("no Python interpreter that an unprivileged user can run")
+    root = tempfile.mkdtemp(prefix="zeusd-nobody-")
+    try:
+        os.chmod(root, 0o777)
+        node = FakeNode(os.path.join(root, "node"))
+        record = os.path.join(root, "record.txt")
+        script = write_script(root, "ok.sh", 'echo "$(id -u) $*" >> %s\n' % record)
+        path = os.path.join(root, "overrides.toml")
+        with open(path, "w") as override_file:
+            override_file.write('[set_power_limit]\ncommands = ["%s {power_limit_w}"]\n' % script)
+        for directory, _, files in os.walk(root):
+            os.chmod(directory, 0o777)
+            for name in files:
+                os.chmod(os.path.join(directory, name), 0o755)
+        os.chmod(path, 0o644)
+        shutil.copy(ZEUSD, os.path.join(root, "zeusd.py"))
+        daemon = Daemon(node, "--enable", "gpu-control,gpu-read", "--gpu-command-overrides", path,
+                        python=python, script=os.path.join(root, "zeusd.py"),
+                        preexec_fn=as_nobody)
+        try:
+            assert daemon.post("/gpu/set_power_limit?gpu_ids=1&power_limit_mw=300000&block=true"
+                               ).status == 200
+            with open(record) as record_file:
+                assert record_file.read() == "65534 300\n"
+        finally:
+            daemon.stop()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 # ---- §8 Logging ----

@@ -41,10 +41,12 @@ import queue
 import re
 import resource
 import select
+import shlex
 import signal
 import socket
 import socketserver
 import stat
+import subprocess
 import sys
 import tempfile
 import threading
@@ -515,6 +517,367 @@ def open_gpu_backend():
         raise StartupError("cannot initialise NVML: %s" % err)
     except Exception as err:
         raise StartupError("cannot initialise NVML: %s: %s" % (type(err).__name__, err))
+
+
+# ---- Configuration files: the TOML subset that the GPU command override file is written in ----
+
+TOML_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+TOML_INTEGER = re.compile(r"[+-]?(?:0|[1-9](?:_?[0-9])*)(?![0-9A-Za-z_.:+-])")
+TOML_BOOLEAN = re.compile(r"(true|false)(?![0-9A-Za-z_.:+-])")
+TOML_ESCAPES = {"b": "\b", "t": "\t", "n": "\n", "f": "\f", "r": "\r", '"': '"', "\\": "\\"}
+TOML_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f]")
+
+
+class TomlReader:
+    """Reads, as tomllib does, the TOML an override file uses: [table] headers, bare keys,
+    basic and literal strings, integers, booleans, arrays (over several lines too) and
+    comments. Anything else is a ValueError naming the line."""
+
+    def __init__(self, text):
+        self.text = text.replace("\r\n", "\n")
+        self.pos = 0
+
+    def fail(self, message):
+        raise ValueError("line %d: %s" % (self.text.count("\n", 0, self.pos) + 1, message))
+
+    def peek(self, count=1):
+        return self.text[self.pos:self.pos + count]
+
+    def document(self):
+        """{table name: {key: value}}."""
+        tables, current = {}, None
+        while True:
+            self.skip(newlines=True)
+            if self.pos >= len(self.text):
+                return tables
+            if self.peek() == "[":
+                self.pos += 1
+                self.skip()
+                name = self.key()
+                self.skip()
+                self.expect("]")
+                if name in tables:
+                    self.fail("table [%s] is defined twice" % name)
+                current = tables[name] = {}
+            else:
+                if current is None:
+                    self.fail("a key outside any [table]")
+                name = self.key()
+                self.skip()
+                self.expect("=")
+                self.skip()
+                value = self.value()
+                if name in current:
+                    self.fail("key '%s' is given twice" % name)
+                current[name] = value
+            self.skip()
+            if self.pos < len(self.text):
+                self.expect("\n")
+
+    def skip(self, newlines=False):
+        """Skip spaces, tabs and a comment (and newlines, blank lines and comments if asked)."""
+        while self.pos < len(self.text):
+            char = self.text[self.pos]
+            if char in " \t" or (newlines and char == "\n"):
+                self.pos += 1
+            elif char == "#":
+                end = self.text.find("\n", self.pos)
+                end = len(self.text) if end < 0 else end
+                if TOML_CONTROL.search(self.text, self.pos, end):
+                    self.fail("a control character in a comment")
+                self.pos = end
+            else:
+                return
+
+    def expect(self, token):
+        if self.peek(len(token)) != token:
+            self.fail("expected %r" % token)
+        self.pos += len(token)
+
+    def key(self):
+        match = TOML_BARE_KEY.match(self.text, self.pos)
+        if not match:
+            self.fail("expected a bare key (letters, digits, '_' and '-'); quoted and dotted "
+                      "keys are not supported here")
+        self.pos = match.end()
+        return match.group()
+
+    def value(self):
+        char = self.peek()
+        if self.peek(3) in ('"""', "'''"):
+            self.fail("multi-line strings are not supported here")
+        if char == '"':
+            return self.basic_string()
+        if char == "'":
+            return self.literal_string()
+        if char == "[":
+            return self.array()
+        for pattern, convert in ((TOML_BOOLEAN, lambda text: text == "true"),
+                                 (TOML_INTEGER, lambda text: int(text.replace("_", "")))):
+            match = pattern.match(self.text, self.pos)
+            if match:
+                self.pos = match.end()
+                return convert(match.group())
+        self.fail("expected a string, an integer, a boolean or an array")
+
+    def literal_string(self):
+        end = self.text.find("'", self.pos + 1)
+        newline = self.text.find("\n", self.pos + 1)
+        if end < 0 or 0 <= newline < end:
+            self.fail("unterminated string")
+        text = self.text[self.pos + 1:end]
+        if TOML_CONTROL.search(text):
+            self.fail("a control character in a string")
+        self.pos = end + 1
+        return text
+
+    def basic_string(self):
+        self.pos += 1
+        parts = []
+        while True:
+            char = self.peek()
+            if not char or char == "\n":
+                self.fail("unterminated string")
+            self.pos += 1
+            if char == '"':
+                return "".join(parts)
+            if char == "\\":
+                parts.append(self.escape())
+            elif TOML_CONTROL.match(char):
+                self.fail("a control character in a string")
+            else:
+                parts.append(char)
+
+    def escape(self):
+        char = self.peek()
+        if char in TOML_ESCAPES:
+            self.pos += 1
+            return TOML_ESCAPES[char]
+        digits = {"u": 4, "U": 8}.get(char)
+        code = self.text[self.pos + 1:self.pos + 1 + (digits or 0)]
+        if digits and re.fullmatch(r"[0-9A-Fa-f]{%d}" % digits, code):
+            value = int(code, 16)
+            if value <= 0x10FFFF and not 0xD800 <= value <= 0xDFFF:
+                self.pos += 1 + digits
+                return chr(value)
+        self.fail("invalid escape sequence in a string")
+
+    def array(self):
+        self.pos += 1
+        items = []
+        while True:
+            self.skip(newlines=True)
+            if self.peek() == "]":
+                self.pos += 1
+                return items
+            items.append(self.value())
+            self.skip(newlines=True)
+            if self.peek() == ",":
+                self.pos += 1
+            elif self.peek() != "]":
+                self.fail("expected ',' or ']' in an array")
+
+
+def parse_toml(text):
+    return TomlReader(text).document()
+
+
+# ---- GPU command overrides: configured commands in place of NVML control calls ----
+
+OVERRIDE_ARGUMENTS = {  # operation -> its placeholders besides {gpu_id}
+    "set_power_limit": ("power_limit_mw", "power_limit_w"),
+    "set_persistence_mode": ("enabled",),
+    "set_gpu_locked_clocks": ("min_clock_mhz", "max_clock_mhz"),
+    "reset_gpu_locked_clocks": (),
+    "set_mem_locked_clocks": ("min_clock_mhz", "max_clock_mhz"),
+    "reset_mem_locked_clocks": (),
+    "reset_locked_clocks": (),
+}
+OVERRIDE_KEYS = ("commands", "error_pattern", "timeout_s")
+OVERRIDE_TIMEOUT_S = 60
+PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
+OUTPUT_SHOWN = 300
+
+
+class CommandOverride:
+    """The commands that replace one control operation, run in order without a shell."""
+
+    def __init__(self, operation, commands, error_pattern, timeout_s):
+        self.operation = operation
+        self.commands = commands  # each a list of words, placeholders still in them
+        self.error_pattern = error_pattern
+        self.timeout_s = timeout_s
+
+    def run(self, index, arguments):
+        """Run every command for GPU index; DeviceError at the first that fails."""
+        values = dict(arguments, gpu_id=index)
+        for words in self.commands:
+            argv = [PLACEHOLDER.sub(lambda match: str(values[match.group(1)]), word)
+                    for word in words]
+            run_command(argv, self.timeout_s, self.error_pattern)
+
+
+def run_command(argv, timeout_s, error_pattern):
+    """Run argv (stdin closed, no shell); DeviceError if it exits non-zero, outlives timeout_s
+    (it and its process group are killed) or prints what error_pattern matches."""
+    shown_command = " ".join(shlex.quote(word) for word in argv)
+    log.debug("running %s", shown_command)
+    try:
+        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, start_new_session=True)
+    except OSError as err:
+        raise DeviceError("failed", "command '%s' could not be started: %s"
+                          % (shown_command, err.strerror or err))
+    reason = None
+    try:
+        out, err = process.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        out, err = process.communicate()
+        reason = "did not finish within %d s and was killed" % timeout_s
+    out, err = out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
+    if reason is None and process.returncode != 0:
+        reason = ("exited with status %d" % process.returncode if process.returncode > 0 else
+                  "was killed by signal %d" % -process.returncode)
+    if reason is None and error_pattern is not None and error_pattern.search(out + "\n" + err):
+        reason = "printed output matching error_pattern %r" % error_pattern.pattern
+    if reason is not None:
+        raise DeviceError("failed", "command '%s' %s; stdout: %s; stderr: %s" % (
+            shown_command, reason, clip(out), clip(err)))
+
+
+def clip(text):
+    text = text.strip()
+    return text if len(text) <= OUTPUT_SHOWN else text[:OUTPUT_SHOWN] + "..."
+
+
+def load_overrides(path):
+    """{operation: CommandOverride} from a trusted override file; StartupError otherwise."""
+    try:
+        with open(path, "rb") as override_file:
+            info = os.fstat(override_file.fileno())
+            text = override_file.read().decode("utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise StartupError("cannot read --gpu-command-overrides %s: %s"
+                           % (path, getattr(err, "strerror", None) or err))
+    if info.st_uid not in (0, os.geteuid()):
+        raise StartupError("--gpu-command-overrides %s is owned by uid %d, neither root nor the "
+                           "daemon's user: refusing to run the commands it names"
+                           % (path, info.st_uid))
+    if info.st_mode & 0o002:
+        raise StartupError("--gpu-command-overrides %s is writable by everyone (mode %03o): "
+                           "refusing to run the commands it names; run: chmod o-w %s"
+                           % (path, info.st_mode & 0o777, path))
+    if info.st_mode & 0o020:
+        log.warning("--gpu-command-overrides %s is writable by its group (mode %03o); the "
+                    "daemon runs what it says", path, info.st_mode & 0o777)
+    try:
+        tables = parse_toml(text)
+    except ValueError as err:
+        raise StartupError("--gpu-command-overrides %s: %s" % (path, err))
+    return {operation: parse_override(path, operation, table)
+            for operation, table in tables.items()}
+
+
+def parse_override(path, operation, table):
+    def fail(problem):
+        raise StartupError("--gpu-command-overrides %s: [%s] %s" % (path, operation, problem))
+    if operation not in OVERRIDE_ARGUMENTS:
+        fail("is not an operation; choose from %s" % ", ".join(OVERRIDE_ARGUMENTS))
+    unknown = [key for key in table if key not in OVERRIDE_KEYS]
+    if unknown:
+        fail("has unknown key '%s'; the keys are %s" % (unknown[0], ", ".join(OVERRIDE_KEYS)))
+    commands = table.get("commands")
+    if not isinstance(commands, list) or not commands or \
+            not all(isinstance(command, str) and command.strip() for command in commands):
+        fail("needs 'commands', a non-empty array of non-empty strings")
+    allowed = ("gpu_id",) + OVERRIDE_ARGUMENTS[operation]
+    split = []
+    for command in commands:
+        try:
+            words = shlex.split(command)
+        except ValueError as err:
+            fail("command %r cannot be split into words: %s" % (command, err))
+        for name in PLACEHOLDER.findall(command):
+            if name not in allowed:
+                fail("command %r uses {%s}; this operation has %s" % (
+                    command, name, ", ".join("{%s}" % a for a in allowed)))
+        split.append(words)
+    pattern = table.get("error_pattern")
+    if pattern is not None:
+        if not isinstance(pattern, str):
+            fail("'error_pattern' must be a string")
+        try:
+            pattern = re.compile(pattern)
+        except re.error as err:
+            fail("'error_pattern' is not a valid regular expression: %s" % err)
+    timeout_s = table.get("timeout_s", OVERRIDE_TIMEOUT_S)
+    if type(timeout_s) is not int or timeout_s <= 0:
+        fail("'timeout_s' must be a positive integer (seconds)")
+    return CommandOverride(operation, split, pattern, timeout_s)
+
+
+class OverriddenBackend(GpuBackend):
+    """A GPU backend whose control operations run configured commands where an override names
+    them, and the inner backend's otherwise; reads always go to the inner backend."""
+
+    def __init__(self, inner, overrides):
+        self.inner = inner
+        self.overrides = overrides
+        self.gpus = inner.gpus
+
+    def power_mw(self, index):
+        return self.inner.power_mw(index)
+
+    def energy_mj(self, index):
+        return self.inner.energy_mj(index)
+
+    def power_limit_mw(self, index):
+        return self.inner.power_limit_mw(index)
+
+    def power_limit_constraints_mw(self, index):
+        return self.inner.power_limit_constraints_mw(index)
+
+    def persistence_mode(self, index):
+        return self.inner.persistence_mode(index)
+
+    def apply(self, operation, index, args, **placeholders):
+        """Run the operation's override with its placeholders, or the inner backend's call."""
+        override = self.overrides.get(operation)
+        if override is None:
+            getattr(self.inner, operation)(index, *args)
+        else:
+            override.run(index, placeholders)
+
+    def set_power_limit(self, index, milliwatts):
+        self.apply("set_power_limit", index, (milliwatts,), power_limit_mw=milliwatts,
+                   power_limit_w=milliwatts // 1000)
+
+    def set_persistence_mode(self, index, enabled):
+        self.apply("set_persistence_mode", index, (enabled,), enabled=1 if enabled else 0)
+
+    def set_gpu_locked_clocks(self, index, min_mhz, max_mhz):
+        self.apply("set_gpu_locked_clocks", index, (min_mhz, max_mhz), min_clock_mhz=min_mhz,
+                   max_clock_mhz=max_mhz)
+
+    def reset_gpu_locked_clocks(self, index):
+        self.apply("reset_gpu_locked_clocks", index, ())
+
+    def set_mem_locked_clocks(self, index, min_mhz, max_mhz):
+        self.apply("set_mem_locked_clocks", index, (min_mhz, max_mhz), min_clock_mhz=min_mhz,
+                   max_clock_mhz=max_mhz)
+
+    def reset_mem_locked_clocks(self, index):
+        self.apply("reset_mem_locked_clocks", index, ())
+
+    def reset_locked_clocks(self, index):
+        if "reset_locked_clocks" in self.overrides:
+            self.apply("reset_locked_clocks", index, ())
+        else:
+            GpuBackend.reset_locked_clocks(self, index)
 
 
 # ---- Devices, CPUs: RAPL zones, counters with wraparound, the wraparound guard ----
@@ -1135,11 +1498,13 @@ class Sampler:
 class Node:
     """Everything the API reads or drives on this machine."""
 
-    def __init__(self, groups, gpu_hz, cpu_hz, rapl_dir):
+    def __init__(self, groups, gpu_hz, cpu_hz, rapl_dir, overrides=None):
         self.gpu = GpuBackend()
         self.cpus = []
         if "gpu-read" in groups or "gpu-control" in groups:
             self.gpu = open_gpu_backend()
+            if overrides:
+                self.gpu = OverriddenBackend(self.gpu, overrides)
         if "cpu-read" in groups:
             self.cpus = discover_rapl(rapl_dir)
         self.gpu_ids = tuple(range(len(self.gpu.gpus)))
@@ -2117,7 +2482,7 @@ def raise_file_limit(wanted):
 
 GROUP_HELP = (
     "  - gpu-control: GPU control operations (set power limit, clocks, persistence mode). "
-    "Requires root\n"
+    "Requires root,\n                 unless --gpu-command-overrides replaces an operation\n"
     "  - gpu-read:    GPU read operations (power reading, energy consumption)\n"
     "  - cpu-read:    CPU RAPL read operations (energy, power). Requires root"
 )
@@ -2235,6 +2600,10 @@ def build_parser():
                             "(zeusd 0.4,\n    Zeus 0.15)\n"
                             "  - per-device:  one event per device and sample (zeusd 0.5+, "
                             "Zeus 0.16+)")
+    serve.add_argument("--gpu-command-overrides", metavar="PATH",
+                       help="TOML file of commands to run in place of GPU control operations "
+                            "(the Rust\ndaemon's format); with at least one, gpu-control needs "
+                            "no root")
     serve.add_argument("--rapl-dir", default=None,
                        help="RAPL sysfs root [default: %s, or %s if only that exists]"
                             % RAPL_DIRS)
@@ -2265,8 +2634,11 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 STARTUP_SIGNAL_POLL_S = 0.05
 
 
-def check_privileges(groups):
-    needs_root = [g for g in groups if g in ROOT_GROUPS]
+def check_privileges(groups, overrides):
+    """gpu-control and cpu-read need root; gpu-control does not when an override replaces at
+    least one control operation (the commands then carry the privileges, e.g. through sudo)."""
+    needs_root = [g for g in groups if g in ROOT_GROUPS
+                  and not (g == "gpu-control" and overrides)]
     if needs_root and os.geteuid() != 0:
         others = [g for g in groups if g not in ROOT_GROUPS]
         raise StartupError(
@@ -2283,7 +2655,7 @@ def on_hangup(authenticator):
         authenticator.reload()
 
 
-def open_devices(args, groups, authenticator):
+def open_devices(args, groups, authenticator, overrides):
     """The Node, opened on a thread of its own so that SIGTERM and SIGINT end the daemon at
     once even while a device library takes its time to initialise."""
     outcome = []
@@ -2291,7 +2663,7 @@ def open_devices(args, groups, authenticator):
     def open_node():
         try:
             outcome.append(Node(groups, args.gpu_power_poll_hz, args.cpu_power_poll_hz,
-                                args.rapl_dir or default_rapl_dir()))
+                                args.rapl_dir or default_rapl_dir(), overrides))
         except BaseException as err:
             outcome.append(err)
     opener = threading.Thread(target=open_node, name="open-devices", daemon=True)
@@ -2314,11 +2686,17 @@ def open_devices(args, groups, authenticator):
 
 def serve(args, groups):
     signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
-    check_privileges(groups)
+    overrides = {}
+    if args.gpu_command_overrides is not None:
+        overrides = load_overrides(args.gpu_command_overrides)
+    check_privileges(groups, overrides)
     authenticator = None
     if args.signing_key_path is not None:
         authenticator = Authenticator(args.signing_key_path)
-    node = open_devices(args, groups, authenticator)
+    node = open_devices(args, groups, authenticator, overrides)
+    if overrides:
+        log.info("GPU command overrides from %s: %s", args.gpu_command_overrides,
+                 ", ".join(overrides))
     api = Api(node, groups, authenticator, args.stream_format)
     raise_file_limit(args.max_connections + FILE_LIMIT_HEADROOM)
     server = open_server(args, api)
