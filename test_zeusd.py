@@ -44,9 +44,21 @@ import os
 import time
 
 NVML_FI_DEV_POWER_INSTANT = 186
+NVML_SUCCESS = 0
+NVML_FEATURE_DISABLED, NVML_FEATURE_ENABLED = 0, 1
+_nvmlGetFunctionPointer = None  # the Zeus client checks that this is the official binding
 MESSAGES = {1: "Uninitialized", 2: "Invalid Argument", 3: "Not Supported",
             4: "Insufficient Permissions", 9: "Driver Not Loaded",
             12: "NVML Shared Library Not Found", 15: "GPU is lost", 999: "Unknown Error"}
+
+
+for _code, _name in enumerate(
+        "UNINITIALIZED INVALID_ARGUMENT NOT_SUPPORTED NO_PERMISSION ALREADY_INITIALIZED NOT_FOUND "
+        "INSUFFICIENT_SIZE INSUFFICIENT_POWER DRIVER_NOT_LOADED TIMEOUT IRQ_ISSUE "
+        "LIBRARY_NOT_FOUND FUNCTION_NOT_FOUND CORRUPTED_INFOROM GPU_IS_LOST RESET_REQUIRED "
+        "OPERATING_SYSTEM LIB_RM_VERSION_MISMATCH IN_USE MEMORY".split(), 1):
+    globals()["NVML_ERROR_" + _name] = _code
+NVML_ERROR_UNKNOWN = 999
 
 
 class NVMLError(Exception):
@@ -108,6 +120,14 @@ def nvmlInit():
     time.sleep(state.get("delay", {}).get("nvmlInit", 0))
     if state.get("init_fail"):
         raise NVMLError(state["init_fail"])
+
+
+def nvmlShutdown():
+    pass
+
+
+def nvmlDeviceGetC2cModeInfoV(handle):
+    raise NVMLError(3)
 
 
 def nvmlDeviceGetCount():
@@ -2534,3 +2554,176 @@ def test_slow_client_gets_408(daemon):
     error_of(connection.response(), 408)
     assert time.monotonic() - daemon.slow_client_since > zeusd.HEADER_TIMEOUT_S - 0.5
     assert connection.closed_by_peer()
+
+
+# ---- Interoperability: the real Zeus clients (0.15 and 0.16) against the daemon ----
+
+ZEUS_PYTHONS = {"0.15": os.environ.get("ZEUSD_TEST_ZEUS_0_15"),
+                "0.16": os.environ.get("ZEUSD_TEST_ZEUS_0_16")}
+STREAM_FORMAT_OF = {"0.15": "all-devices", "0.16": "per-device"}
+CPU_TICKS = {"intel-rapl:0": (1000000, 50.0), "intel-rapl:1": (7, 20.0)}
+
+ZEUS_CLIENT = r'''
+"""Drive the Zeus library against a daemon; print what each call gave, as JSON."""
+import dataclasses, json, sys, time
+from zeus.utils.zeusd import ZeusdClient, ZeusdConfig
+from zeus.monitor.power_streaming import PowerStreamingClient
+from zeus.device.exception import ZeusdError
+
+mode, address, token = sys.argv[1], sys.argv[2], sys.argv[3] or None
+if mode == "uds":
+    def config(**kw): return ZeusdConfig.uds(address, token=token, **kw)
+else:
+    host, port = address.rsplit(":", 1)
+    def config(**kw): return ZeusdConfig.tcp(host, int(port), token=token, **kw)
+
+
+def plain(value):
+    if dataclasses.is_dataclass(value):
+        return plain(dataclasses.asdict(value))
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [plain(v) for v in sorted(value) if True] if isinstance(value, (set, frozenset)) \
+            else [plain(v) for v in value]
+    return value
+
+
+out = {}
+client = ZeusdClient(config())
+out["discovery"] = plain({"gpu_ids": client.gpu_ids, "cpu_ids": client.cpu_ids,
+                          "dram": client.dram_available, "auth": client.auth_required,
+                          "read": client.can_read_gpu, "control": client.can_control_gpu})
+calls = {
+    "gpu_power": lambda: client.get_gpu_power(),
+    "gpu_power_2": lambda: client.get_gpu_power([2]),
+    "gpu_energy": lambda: client.get_gpu_energy([0, 2]),
+    "cpu_energy": lambda: client.get_cpu_energy([0, 1]),
+    "cpu_power": lambda: client.get_cpu_power([0, 1]),
+    "time": lambda: client.get_time(),
+    "set_power_limit": lambda: client.set_power_limit([0, 1], 250000, True),
+    "set_power_limit_bad": lambda: client.set_power_limit([0], 900000, True),
+    "set_persistence_mode": lambda: client.set_persistence_mode([1], False, True),
+    "set_gpu_locked_clocks": lambda: client.set_gpu_locked_clocks([0], 900, 1410, True),
+    "reset_gpu_locked_clocks": lambda: client.reset_gpu_locked_clocks([0], True),
+    "set_mem_locked_clocks": lambda: client.set_mem_locked_clocks([2], 1593, 2619, False),
+    "reset_mem_locked_clocks": lambda: client.reset_mem_locked_clocks([2], True),
+}
+for name in ("get_persistence_mode", "get_power_limit", "get_power_limit_constraints"):
+    if hasattr(client, name):
+        calls[name] = (lambda method: lambda: method([0]))(getattr(client, name))
+for name, call in calls.items():
+    try:
+        out[name] = plain(call())
+    except (ZeusdError, Exception) as err:
+        out[name] = {"raised": type(err).__name__, "message": str(err)}
+
+streaming = PowerStreamingClient(servers=[config(
+    gpu_indices=[0, 2], cpu_indices=[0, 1] if client.can_read_cpu else [])])
+deadline = time.monotonic() + 8
+readings = {}
+while time.monotonic() < deadline:
+    readings = plain(streaming.get_power())
+    reading = next(iter(readings.values()), {})
+    if len(reading.get("gpu_power_w", {})) == 2 and \
+            len(reading.get("cpu_power_w", {})) == (2 if client.can_read_cpu else 0):
+        break
+    time.sleep(0.05)
+streaming.stop()
+out["stream"] = readings
+
+try:
+    from zeus.device.gpu.nvidia import ZeusdNVIDIAGPU
+    gpu = ZeusdNVIDIAGPU(1, client)
+    gpu.set_power_management_limit(220000)
+    gpu.set_persistence_mode(True)
+    gpu.set_gpu_locked_clocks(1000, 1500)
+    gpu.reset_gpu_locked_clocks()
+    gpu.set_memory_locked_clocks(1593, 1593)
+    gpu.reset_memory_locked_clocks(block=False)
+    out["zeusd_gpu"] = "ok"
+except Exception as err:
+    out["zeusd_gpu"] = {"raised": type(err).__name__, "message": str(err)}
+print(json.dumps(out))
+'''
+
+
+def run_zeus_client(version, daemon, token=""):
+    """Run ZEUS_CLIENT under that Zeus version's Python against daemon; its JSON output."""
+    python = ZEUS_PYTHONS[version]
+    if not python:
+        pytest.skip("set ZEUSD_TEST_ZEUS_%s to a Python with zeus==%s.0 (.ci/run does)"
+                    % (version.replace(".", "_"), version))
+    address = daemon.socket_path if daemon.mode == "uds" else "%s:%d" % daemon.address
+    env = dict(os.environ, PYTHONPATH=daemon.node.lib, FAKE_NVML_STATE=daemon.node.state_path,
+               FAKE_NVML_LOG=daemon.node.log_path)
+    for name in ("ZEUSD_SOCK_PATH", "ZEUSD_HOST_PORT", "ZEUSD_TOKEN"):
+        env.pop(name, None)
+    result = subprocess.run([python, "-c", ZEUS_CLIENT, daemon.mode, address, token],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env, timeout=60)
+    assert result.returncode == 0, result.stderr.decode()[-3000:]
+    return json.loads(result.stdout.decode().strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("version", sorted(ZEUS_PYTHONS))
+@pytest.mark.parametrize("mode", ["uds", "tcp"])
+def test_zeus_client_against_the_daemon(node, start, version, mode):
+    node.set_gpu(2, jitter=True)  # changing readings keep events flowing, as real GPUs do
+    with RaplTicker(node, CPU_TICKS):
+        daemon = start("--stream-format", STREAM_FORMAT_OF[version], mode=mode)
+        out = run_zeus_client(version, daemon)
+    assert out["discovery"] == {"gpu_ids": [0, 1, 2], "cpu_ids": [0, 1], "dram": [True, False],
+                                "auth": False, "read": True, "control": True}
+    assert sorted(out["gpu_power"]["power_mw"]) == ["0", "1", "2"]
+    assert out["gpu_power"]["power_mw"]["0"] == 76000
+    assert 99000 <= out["gpu_power_2"]["power_mw"]["2"] < 100000
+    assert out["gpu_energy"] == {"0": 123456, "2": 5000}
+    assert out["cpu_energy"]["1"] == {"cpu_energy_uj": out["cpu_energy"]["1"]["cpu_energy_uj"],
+                                      "dram_energy_uj": None}
+    assert 40000 < out["cpu_power"]["power_mw"]["0"]["cpu_mw"] < 60000
+    assert abs(out["time"] - time.time()) < 60
+    for name in ("set_power_limit", "set_persistence_mode", "set_gpu_locked_clocks",
+                 "reset_gpu_locked_clocks", "set_mem_locked_clocks", "reset_mem_locked_clocks"):
+        assert out[name] is None, (name, out[name])
+    assert out["set_power_limit_bad"]["raised"] == "ZeusdError"
+    assert '"errors"' in out["set_power_limit_bad"]["message"]
+    if version == "0.16":
+        assert out["get_persistence_mode"] == {"0": True}
+        assert out["get_power_limit"] == {"0": 300000}
+        assert out["get_power_limit_constraints"] == {"0": [100000, 700000]}
+    reading = list(out["stream"].values())[0]
+    assert reading["gpu_power_w"]["0"] == 76.0 and 99 <= reading["gpu_power_w"]["2"] < 100
+    assert sorted(reading["cpu_power_w"]) == ["0", "1"]
+    assert 15 < reading["cpu_power_w"]["1"]["cpu_w"] < 25
+    assert out["zeusd_gpu"] == "ok"
+    calls = node.calls(*POWER_SETTERS)
+    for expected in (("nvmlDeviceSetPowerManagementLimit", "0", "250000"),
+                     ("nvmlDeviceSetPersistenceMode", "1", "0"),
+                     ("nvmlDeviceSetGpuLockedClocks", "0", "900", "1410"),
+                     ("nvmlDeviceSetMemoryLockedClocks", "2", "1593", "2619"),
+                     ("nvmlDeviceSetPowerManagementLimit", "1", "220000"),
+                     ("nvmlDeviceSetPersistenceMode", "1", "1"),
+                     ("nvmlDeviceSetGpuLockedClocks", "1", "1000", "1500"),
+                     ("nvmlDeviceResetGpuLockedClocks", "1"),
+                     ("nvmlDeviceSetMemoryLockedClocks", "1", "1593", "1593")):
+        assert expected in calls, expected
+    wait_for(lambda: ("nvmlDeviceResetMemoryLockedClocks", "1") in node.calls(),
+             "the non-blocking reset")
+
+
+@pytest.mark.parametrize("version", sorted(ZEUS_PYTHONS))
+def test_zeus_client_with_tokens(node, key_path, start, version):
+    node.set_gpu(2, jitter=True)
+    daemon = start("--signing-key-path", key_path, "--stream-format", STREAM_FORMAT_OF[version],
+                   mode="tcp")
+    with RaplTicker(node, CPU_TICKS):
+        out = run_zeus_client(version, daemon, token(list(zeusd.API_GROUPS)))
+        reader = run_zeus_client(version, daemon, token(["gpu-read"]))
+    assert out["discovery"]["auth"] is True and out["discovery"]["control"] is True
+    assert out["gpu_power"]["power_mw"]["0"] == 76000 and out["zeusd_gpu"] == "ok"
+    assert sorted(list(out["stream"].values())[0]["gpu_power_w"]) == ["0", "2"]
+    assert reader["discovery"]["control"] is False
+    assert reader["gpu_power"]["power_mw"]["1"] == 120000
+    assert "lacks required scope 'gpu-control'" in reader["set_power_limit"]["message"]
+    assert reader["zeusd_gpu"]["raised"] == "ZeusdCapabilityError"
