@@ -425,6 +425,7 @@ class NvmlBackend(GpuBackend):
         self.handles = [nvml.nvmlDeviceGetHandleByIndex(i)
                         for i in range(nvml.nvmlDeviceGetCount())]
         self.instant_field = [getattr(nvml, "NVML_FI_DEV_POWER_INSTANT", 186)]
+        self.get_field_values = nvml.nvmlDeviceGetFieldValues
         self.instant = [True] * len(self.handles)
         gpus = []
         for index, handle in enumerate(self.handles):
@@ -449,20 +450,29 @@ class NvmlBackend(GpuBackend):
         try:
             return function(self.handles[index], *args)
         except self.nvml.NVMLError as err:
-            code = getattr(err, "value", None)
-            raise DeviceError(NVML_KINDS.get(code, "failed"), "%s failed on GPU %d: %s (NVML "
-                              "error %s)" % (function.__name__, index, err, code))
+            raise self._error(function.__name__, index, err)
+
+    @staticmethod
+    def _error(function_name, index, err):
+        code = getattr(err, "value", None)
+        return DeviceError(NVML_KINDS.get(code, "failed"), "%s failed on GPU %d: %s (NVML error "
+                           "%s)" % (function_name, index, err, code))
 
     def power_mw(self, index):
+        """Instant power, or nvmlDeviceGetPowerUsage where the GPU does not report it. This is
+        the sampling hot path, so the field read is inlined rather than going through _call."""
         if self.instant[index]:
-            value = self._call(self.nvml.nvmlDeviceGetFieldValues, index, self.instant_field)[0]
-            if value.nvmlReturn == 0:
+            try:
+                value = self.get_field_values(self.handles[index], self.instant_field)[0]
+            except self.nvml.NVMLError as err:
+                raise self._error("nvmlDeviceGetFieldValues", index, err)
+            code = value.nvmlReturn
+            if code == 0:
                 return int(getattr(value.value, NVML_VALUE_FIELDS[value.valueType]))
-            if value.nvmlReturn != NVML_NOT_SUPPORTED:
-                error = self.nvml.NVMLError(value.nvmlReturn)
-                raise DeviceError(NVML_KINDS.get(value.nvmlReturn, "failed"),
-                                  "instant power read failed on GPU %d: %s (NVML error %d)"
-                                  % (index, error, value.nvmlReturn))
+            if code != NVML_NOT_SUPPORTED:
+                raise DeviceError(NVML_KINDS.get(code, "failed"), "instant power read failed on "
+                                  "GPU %d: %s (NVML error %d)" % (index, self.nvml.NVMLError(code),
+                                                                  code))
             self.instant[index] = False
             log.info("GPU %d does not report instant power; using nvmlDeviceGetPowerUsage", index)
         return self._call(self.nvml.nvmlDeviceGetPowerUsage, index)
@@ -1110,14 +1120,16 @@ class Sample:
 
     def render(self, ids):
         """(selected values, get_power body, all-devices SSE event) for the ids; devices
-        without a value are left out."""
+        without a value are left out (and the event is empty when none has one)."""
         rendered = self.renders.get(ids)
         if rendered is None:
             values, render_value = self.values, self.meter.render_value
             body = ('{"timestamp_ms": %d, "power_mw": {%s}}' % (
                 self.timestamp_ms, ", ".join('"%d": %s' % (i, render_value(values[i]))
                                              for i in ids if i in values))).encode()
-            rendered = (tuple(values.get(i) for i in ids), body, b"data: " + body + b"\n\n")
+            selected = tuple(values.get(i) for i in ids)
+            event = b"data: " + body + b"\n\n" if selected.count(None) < len(ids) else b""
+            rendered = (selected, body, event)
             self.renders[ids] = rendered
         return rendered
 
@@ -1144,10 +1156,9 @@ class FailureLog:
             log.error("%s; left out of samples until it reads again", err.message)
 
     def answered(self, values):
-        if self.failing:
-            for index in self.failing.intersection(values):
-                self.failing.discard(index)
-                log.info("%s %d reads again", self.kind, index)
+        for index in self.failing.intersection(values):
+            self.failing.discard(index)
+            log.info("%s %d reads again", self.kind, index)
 
 
 class GpuPowerMeter:
@@ -1156,11 +1167,8 @@ class GpuPowerMeter:
     kind = "GPU"
 
     def __init__(self, backend):
-        self.backend = backend
+        self.read = backend.power_mw
         self.ids = tuple(range(len(backend.gpus)))
-
-    def read(self, index):
-        return self.backend.power_mw(index)
 
     render_value = str
 
@@ -1236,7 +1244,7 @@ class StreamSubscriber:
                     changed.append(sample.device_event(index))
             return b"".join(changed)
         values, _, event = sample.render(self.ids)
-        if values == self.last_values or not any(v is not None for v in values):
+        if values == self.last_values or not event:
             return b""
         self.last_values = values
         return event
@@ -1301,9 +1309,9 @@ class Sampler:
         self.latest = None
         self.stopped = False
         self.next_due = 0.0
-        self.ticker = None  # the token of the tick in progress
-        self.reading = None  # (device, monotonic start) of its read in flight
-        self.hung = {}  # device -> monotonic start of a read that has not returned
+        self.ticking = False  # whether a relay's tick is in progress
+        self.in_flight = {}  # device -> monotonic start of the read in progress
+        self.hung = {}  # device -> monotonic start of a read that has not returned in a period
         self.tick_waiters = 0
         self.relays = 0  # relay threads not stuck in a device read
         self.failures = FailureLog(meter.kind)
@@ -1409,86 +1417,89 @@ class Sampler:
 
     def tick(self):
         """Read each device once and publish the sample: "done", "warming" (a meter needs another
-        read), or "abandoned" (this relay was stuck in a read and was left behind)."""
-        token = object()
+        read), or "abandoned" (this relay was stuck in a read and was left behind).
+
+        Each read is entered in self.in_flight; when it returns, the relay takes its entry back
+        out. A relay waiting for this tick takes out an entry older than one period instead:
+        dict.pop is atomic, so exactly one of them gets it, without a lock per read."""
         with self.lock:
             self.wait_for_tick_in_progress()
             if self.stopped:
                 return "abandoned"
-            self.ticker = token
+            self.ticking = True
         taken, timestamp_ms = time.monotonic(), int(time.time() * 1000)
         values, errors, warming = {}, {}, False
+        read, hung, in_flight = self.meter.read, self.hung, self.in_flight
         for index in self.meter.ids:
-            with self.lock:
-                since = self.hung.get(index)
-                if since is None:
-                    self.reading = (index, time.monotonic())
-            if since is not None:
-                errors[index] = DeviceError("timeout", "%s %d did not answer within %d ms (its "
-                                            "read has been pending for %.1f s)" % (
-                                                self.kind, index, self.period * 1000,
-                                                time.monotonic() - since))
+            if index in hung:
+                errors[index] = self.timeout_error(index)
                 continue
-            value = error = None
+            in_flight[index] = time.monotonic()
             try:
-                value = self.meter.read(index)
+                value = read(index)
             except DeviceError as err:
-                error = err
+                errors[index] = err
             except Exception as err:
-                error = DeviceError("failed", "%s %d: unexpected error reading it: %s: %s"
-                                    % (self.kind, index, type(err).__name__, err))
-            with self.lock:
-                if self.ticker is not token:
-                    self.left_behind(index)
-                    return "abandoned"
-                self.reading = None
-            if error is not None:
-                errors[index] = error
-            elif value is None:
-                warming = True
+                errors[index] = DeviceError("failed", "%s %d: unexpected error reading it: %s: %s"
+                                            % (self.kind, index, type(err).__name__, err))
             else:
-                values[index] = value
+                if value is None:
+                    warming = True
+                else:
+                    values[index] = value
+            if in_flight.pop(index, None) is None:
+                self.left_behind(index)
+                return "abandoned"
         self.publish(Sample(taken, timestamp_ms, values, errors, self.meter))
         return "warming" if warming else "done"
 
+    def timeout_error(self, index):
+        since = self.hung.get(index, time.monotonic())
+        return DeviceError("timeout", "%s %d did not answer within %d ms (its read has been "
+                           "pending for %.1f s)" % (self.kind, index, self.period * 1000,
+                                                    time.monotonic() - since))
+
     def wait_for_tick_in_progress(self):
         """Wait (holding the lock) until no other tick is in progress, or until the read it is
-        in has taken one period: that relay is then left behind, its device marked as hung."""
-        while self.ticker is not None and not self.stopped:
+        in has taken one period: that relay is then left behind, its device marked as hung,
+        and a new relay takes its place."""
+        while self.ticking and not self.stopped:
             timeout = self.period
-            if self.reading is not None:
-                index, since = self.reading
+            for index, since in self.in_flight.copy().items():
                 timeout = since + self.period - time.monotonic()
-                if timeout <= 0:
+                if timeout <= 0 and self.in_flight.pop(index, None) is not None:
                     self.hung[index] = since
-                    self.ticker = self.reading = None
+                    self.ticking = False
                     self.relays -= 1
                     if self.relays < RELAYS:
                         self.spawn_relay()
                     return
             self.tick_waiters += 1
-            self.tick_done.wait(timeout)
+            self.tick_done.wait(max(timeout, 0.0))
             self.tick_waiters -= 1
 
     def left_behind(self, index):
-        """A read that was declared hung has returned (the caller holds the lock)."""
-        self.hung.pop(index, None)
-        self.relays += 1
+        """This relay's read of index, declared hung, has returned: clear the mark, rejoin."""
+        with self.lock:
+            self.hung.pop(index, None)
+            self.relays += 1
 
     def publish(self, sample):
-        for index, err in sample.errors.items():
-            self.failures.failed(index, err)
-        self.failures.answered(sample.values)
-        with self.lock:
-            self.latest = sample
-            self.published.notify_all()
-            streams = self.streams
+        """Log failures and recoveries, write the sample to every stream, then make it the
+        latest for one-shot readers and end the tick."""
+        if sample.errors:
+            for index, err in sample.errors.items():
+                self.failures.failed(index, err)
+        if self.failures.failing:
+            self.failures.answered(sample.values)
         now = time.monotonic()
-        for subscriber in streams:
+        for subscriber in self.streams:
             if not subscriber.closed:
                 subscriber.deliver(sample, now)
         with self.lock:
-            self.ticker = None
+            self.latest = sample
+            self.published.notify_all()
+            self.ticking = False
             if self.tick_waiters:
                 self.tick_done.notify()
 
