@@ -2509,6 +2509,57 @@ def test_auth_matrix(key_path, start):
         assert error_of(without_auth.get("/cpu/get_power", token=value), 404) == disabled, kind
 
 
+def test_token_issue_gpus_all_and_case_insensitive_expiry(key_path):
+    status, out, err = issue_cli(key_path, "--user", "job42", "--scope", "all", "--gpus", "1, 0",
+                                 "--expires", "1H")
+    assert status == 0 and err == ""
+    claims = verify(out.strip())
+    assert claims.scopes == zeusd.API_GROUPS and claims.gpus == (0, 1)
+    assert abs(claims.exp - (time.time() + 3600)) < 5
+    status, out, err = issue_cli(key_path, "--user", "nobody", "--expires", "Never")
+    assert status == 0 and verify(out.strip()).exp is None
+    assert "grants no scope" in err and out.count("\n") == 1
+    status, _, err = issue_cli(key_path, "--user", "a", "--gpus", "0,x", "--expires", "1h")
+    assert status == 2 and "--gpus" in err
+
+
+@pytest.mark.parametrize("gpus", ["0", [0, "1"], [-1], [True], [2 ** 32], {"0": 1}])
+def test_bad_gpus_claims_are_refused(gpus):
+    with pytest.raises(zeusd.HttpError) as refused:
+        verify(forge({"alg": "HS256"}, {"sub": "a", "scopes": [], "gpus": gpus}))
+    assert "'gpus'" in refused.value.message
+
+
+def gpu_token(gpus, scopes=("gpu-read", "gpu-control")):
+    claims = {"sub": "job42", "scopes": list(scopes), "gpus": gpus}
+    return forge({"alg": "HS256", "typ": "JWT"}, claims)
+
+
+def test_gpus_claim_limits_a_token_to_its_gpus(node, auth_daemon):
+    limited = gpu_token([2, 0])
+    assert auth_daemon.get_json("/auth/whoami", token=limited)["gpus"] == [0, 2]
+    assert sorted(auth_daemon.get_json("/gpu/get_power", token=limited)["power_mw"]) == ["0", "2"]
+    assert sorted(auth_daemon.get_json("/gpu/get_cumulative_energy?gpu_ids=2",
+                                       token=limited)) == ["2"]
+    assert sorted(auth_daemon.get_json("/gpu/get_power_limit", token=limited)) == ["0", "2"]
+    response = auth_daemon.request("POST", "/gpu/set_power_limit?gpu_ids=0,1,3&power_limit_mw="
+                                   "200000&block=true", token=limited)
+    assert error_of(response, 403) == ("Token for user 'job42' is not allowed GPU(s) [1, 3]. "
+                                       "Token GPUs: [0, 2]")
+    assert node.calls(*POWER_SETTERS) == []
+    assert error_of(auth_daemon.get("/gpu/get_power?gpu_ids=1", token=limited), 403)
+    response = auth_daemon.request("POST", "/gpu/set_power_limit?gpu_ids=2&power_limit_mw=200000"
+                                   "&block=true", token=limited)
+    assert response.status == 200
+    assert node.calls(*POWER_SETTERS) == [("nvmlDeviceSetPowerManagementLimit", "2", "200000")]
+    stream = auth_daemon.stream("/gpu/stream_power",
+                                headers={"Authorization": "Bearer " + limited})
+    assert sorted(stream.next_event()["power_mw"]) == ["0", "2"]
+    stream.close()
+    assert auth_daemon.get("/cpu/get_power", token=gpu_token([0], ["cpu-read"])).status == 200
+    assert "gpus" not in auth_daemon.get_json("/auth/whoami", token=token(["gpu-read"]))
+
+
 def test_whoami(auth_daemon):
     exp = int(time.time()) + 600
     assert auth_daemon.get_json("/auth/whoami", token=token(["cpu-read"], exp=exp)) == {

@@ -80,13 +80,17 @@ DURATION_FORMS = ("'never' or '0' (no expiry), or <number><unit> terms such as 9
 LATEST_EXPIRY = 253402300799  # 9999-12-31T23:59:59Z
 
 
-def parse_group_list(values):
-    """API groups from comma-separated and/or repeated values, order kept, duplicates dropped."""
+def parse_group_list(values, allow_all=False):
+    """API groups from comma-separated and/or repeated values, order kept, duplicates dropped;
+    with allow_all, 'all' stands for every group."""
     groups = []
     for value in values:
         for item in value.split(","):
             name = item.strip()
             if not name:
+                continue
+            if allow_all and name == "all":
+                groups.extend(g for g in API_GROUPS if g not in groups)
                 continue
             if name not in API_GROUPS:
                 raise ValueError("unknown API group '%s' (choose from %s)"
@@ -97,9 +101,9 @@ def parse_group_list(values):
 
 
 def parse_duration(text):
-    """Seconds in a token lifetime such as '1h30m', or None for 'never' and '0'."""
-    text = text.strip()
-    if text.lower() == "never" or text == "0":
+    """Seconds in a token lifetime such as '1h30m' (any case), or None for 'never' and '0'."""
+    text = text.strip().lower()
+    if text == "never" or text == "0":
         return None
     total, position = 0, 0
     while position < len(text):
@@ -197,7 +201,8 @@ LEEWAY_S = 60
 BASE64URL = re.compile(r"[A-Za-z0-9_-]*")
 OPEN_PATHS = ("/discover", "/time")
 BEARER_CHALLENGE = (("WWW-Authenticate", 'Bearer realm="zeusd"'),)
-Claims = collections.namedtuple("Claims", "sub scopes exp")
+Claims = collections.namedtuple("Claims", "sub scopes exp gpus")
+Claims.__new__.__defaults__ = (None,)  # gpus: absent = every GPU (the Rust daemon's tokens)
 
 
 def unauthorized(message):
@@ -243,11 +248,13 @@ def load_signing_key(path):
     return key
 
 
-def issue_token(key, sub, scopes, exp):
-    """A compact HS256 JWT with claims sub, scopes and (unless exp is None) exp."""
+def issue_token(key, sub, scopes, exp, gpus=None):
+    """A compact HS256 JWT with claims sub, scopes, and unless None exp and gpus."""
     claims = {"sub": sub, "scopes": list(scopes)}
     if exp is not None:
         claims["exp"] = exp
+    if gpus is not None:
+        claims["gpus"] = list(gpus)
     signing_input = (b64url_encode(b'{"alg":"HS256","typ":"JWT"}') + "."
                      + b64url_encode(json.dumps(claims, separators=(",", ":")).encode("utf-8")))
     signature = hmac.new(key, signing_input.encode("ascii"), hashlib.sha256).digest()
@@ -296,7 +303,13 @@ def verify_token(key, token):
             raise unauthorized("Invalid token: unknown scope %s." % json.dumps(scope)[:64])
     if exp is not None and (type(exp) is not int or exp < 0):
         raise unauthorized("Invalid token: claim 'exp' must be an integer.")
-    return Claims(sub, tuple(scopes), exp)
+    gpus = claims.get("gpus")
+    if gpus is not None:
+        if not isinstance(gpus, list) or not all(type(i) is int and 0 <= i <= U32_MAX
+                                                 for i in gpus):
+            raise unauthorized("Invalid token: claim 'gpus' must be a list of GPU indices.")
+        gpus = tuple(sorted(set(gpus)))
+    return Claims(sub, tuple(scopes), exp, gpus)
 
 
 class Authenticator:
@@ -1808,11 +1821,27 @@ class Api:
         body = {"sub": claims.sub, "scopes": list(claims.scopes)}
         if claims.exp is not None:
             body["exp"] = claims.exp
+        if claims.gpus is not None:
+            body["gpus"] = list(claims.gpus)
         return Reply(200, json_body(body))
+
+    def gpus_for(self, requested, claims, list_unknown=False):
+        """The GPU ids a request covers: those it names (403 if the token's gpus claim leaves
+        one out; 400 if one does not exist), else every GPU the token may use."""
+        allowed = claims.gpus if claims is not None else None
+        if allowed is not None:
+            if requested is None:
+                return tuple(i for i in self.node.gpu_ids if i in allowed)
+            refused = [i for i in requested if i not in allowed]
+            if refused:
+                raise HttpError(403, "Token for user '%s' is not allowed GPU(s) [%s]. Token GPUs: "
+                                     "[%s]" % (claims.sub, ", ".join(map(str, refused)),
+                                               ", ".join(map(str, allowed))))
+        return select_ids(requested, self.node.gpu_ids, "GPU", list_unknown)
 
     def control(self, operation, *arg_names):
         def handler(args, claims):
-            ids = select_ids(args["gpu_ids"], self.node.gpu_ids, "GPU")
+            ids = self.gpus_for(args["gpu_ids"], claims)
             jobs = self.node.control.submit(ids, operation, tuple(args[n] for n in arg_names))
             if not args["block"]:
                 return EMPTY_OK
@@ -1824,7 +1853,7 @@ class Api:
     def gpu_read(self, read):
         def handler(args, claims):
             results, errors = {}, {}
-            for index in select_ids(args.get("gpu_ids"), self.node.gpu_ids, "GPU"):
+            for index in self.gpus_for(args.get("gpu_ids"), claims):
                 try:
                     results[str(index)] = read(self.node.gpu, index)
                 except DeviceError as err:
@@ -1838,12 +1867,13 @@ class Api:
         return {"min_power_limit_mw": low, "max_power_limit_mw": high}
 
     def gpu_power(self, args, claims):
-        ids = select_ids(args.get("gpu_ids"), self.node.gpu_ids, "GPU", list_unknown=True)
+        ids = self.gpus_for(args.get("gpu_ids"), claims, list_unknown=True)
         return self.power(self.node.gpu_sampler, ids)
 
     def gpu_stream(self, args, claims):
-        return Stream(self.node.gpu_sampler, select_ids(args.get("gpu_ids"), self.node.gpu_ids,
-                                                        "GPU", list_unknown=True), self.per_device)
+        return Stream(self.node.gpu_sampler,
+                      self.gpus_for(args.get("gpu_ids"), claims, list_unknown=True),
+                      self.per_device)
 
     def cpu_power(self, args, claims):
         ids = select_ids(args.get("cpu_ids"), self.node.cpu_ids, "CPU", list_unknown=True)
@@ -2513,6 +2543,14 @@ def duration_arg(text):
         raise argparse.ArgumentTypeError(str(err))
 
 
+def gpu_list_arg(text):
+    try:
+        return list(parse_ids("--gpus", text))
+    except HttpError:
+        raise argparse.ArgumentTypeError("invalid value '%s': expected comma-separated GPU "
+                                         "indices such as 0,1" % text)
+
+
 def octal_mode_arg(text):
     if not re.fullmatch(r"[0-7]{1,4}", text):
         raise argparse.ArgumentTypeError(
@@ -2565,7 +2603,9 @@ def build_parser():
 
     fmt = argparse.RawTextHelpFormatter
     serve = commands.add_parser("serve", help="Start the Zeus daemon",
-                                description="Start the Zeus daemon", formatter_class=fmt)
+                                description="Start the Zeus daemon. It logs to stderr; ZEUSD_LOG "
+                                            "sets the level (debug, info, warning, error; "
+                                            "default info)", formatter_class=fmt)
     serve.add_argument("--mode", choices=("uds", "tcp"), default="uds",
                        help="Operating mode: UDS or TCP [default: uds]\n"
                             "  - uds: Unix domain socket\n  - tcp: TCP")
@@ -2584,9 +2624,8 @@ def build_parser():
                        metavar="TCP_BIND_ADDRESS",
                        help="[TCP mode] Address to bind to\n[default: 127.0.0.1:4938]")
     serve.add_argument("--num-workers", type=int_range_arg(1, 65536),
-                       help="Number of worker threads to use. Default is the number of logical "
-                            "CPUs\n(accepted for compatibility; this daemon uses one thread per "
-                            "connection)")
+                       help="Accepted for compatibility with the Rust daemon, and logged; it has "
+                            "no effect\nhere: every connection is served on a thread of its own")
     serve.add_argument("--gpu-power-poll-hz", type=int_range_arg(1, 1000), default=20,
                        help="GPU power polling frequency in Hz for the streaming endpoint\n"
                             "[default: 20]")
@@ -2596,8 +2635,8 @@ def build_parser():
     serve.add_argument("--enable", action="append", nargs="+", metavar="ENABLE",
                        help="API groups to enable. Each group exposes a set of HTTP endpoints. "
                             "Groups that\nrequire root will cause the daemon to exit at startup "
-                            "if it is not running as root\n[default: gpu-control gpu-read "
-                            "cpu-read]\n" + GROUP_HELP)
+                            "if it is not running as root. Comma-separated and/or repeated\n"
+                            "[default: gpu-control,gpu-read,cpu-read]\n" + GROUP_HELP)
     serve.add_argument("--signing-key-path",
                        help="Path to the HMAC-SHA256 signing key file for JWT authentication. "
                             "If not provided,\nauthentication is disabled")
@@ -2632,10 +2671,16 @@ def build_parser():
     issue.add_argument("--user", required=True,
                        help="User identity to embed in the token (the `sub` claim)")
     issue.add_argument("--scope", action="append", default=[],
-                       help="API group scopes to grant. Comma-separated\n" + GROUP_HELP)
+                       help="API group scopes to grant, comma-separated and/or repeated; 'all' "
+                            "grants every group\n" + GROUP_HELP)
+    issue.add_argument("--gpus", type=gpu_list_arg, metavar="IDS",
+                       help="GPU indices the token may use, comma-separated (e.g. 0,1); absent: "
+                            "every GPU.\nOnly this daemon enforces it; the Rust daemon ignores "
+                            "the claim")
     issue.add_argument("--expires", required=True, type=duration_arg,
                        help='Token lifetime. Human-readable duration (e.g., "1h", "7d", "30d"). '
                             'Use "never"\nfor tokens that do not expire')
+    parser.subcommands = {"serve": serve, "token": issue}
     return parser
 
 
@@ -2742,18 +2787,24 @@ def serve(args, groups):
 
 def issue(args, scopes):
     key = load_signing_key(args.signing_key_path)
+    if not scopes:
+        sys.stderr.write("zeusd token issue: warning: the token grants no scope: it can only "
+                         "call /auth/whoami (give --scope GROUPS or --scope all)\n")
     exp = None if args.expires is None else int(time.time()) + args.expires
-    sys.stdout.write(issue_token(key, args.user, scopes, exp) + "\n")
+    sys.stdout.write(issue_token(key, args.user, scopes, exp, args.gpus) + "\n")
     return 0
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        parser.subcommands[args.command].error("unrecognized arguments: " + " ".join(unknown))
     is_serve = args.command == "serve"
     prog, flag = ("zeusd serve", "--enable") if is_serve else ("zeusd token issue", "--scope")
     try:
-        groups = parse_group_list(sum(args.enable or [["gpu-control,gpu-read,cpu-read"]], [])
-                                  if is_serve else args.scope)
+        groups = parse_group_list(sum(args.enable or [[",".join(API_GROUPS)]], [])
+                                  if is_serve else args.scope, allow_all=not is_serve)
         if is_serve and not groups:
             raise ValueError("no API group given (choose from %s)" % ", ".join(API_GROUPS))
     except ValueError as err:
