@@ -1492,8 +1492,15 @@ def test_nonblocking_control_answers_at_once_and_logs_failures(node, start):
     assert (response.status, response.body) == (200, b"")
     assert node.calls("nvmlDeviceSetPowerManagementLimit.done") == []
     wait_for(lambda: len(node.calls("nvmlDeviceSetPowerManagementLimit.done")) == 2, "the commands")
-    wait_for(lambda: "GPU 1: set_power_limit" in daemon.log(), "the failure in the log")
-    assert "Insufficient Permissions" in daemon.log()
+    wait_for(lambda: "set_power_limit gpu=1 power_limit_mw=200000 block=false: error: "
+             in daemon.log(), "the failure in the log")
+    audit = sorted((line for line in daemon.log().splitlines() if "audit: " in line),
+                   key=lambda line: line.split("gpu=")[1])
+    assert len(audit) == 2 and "Insufficient Permissions" in audit[1]
+    assert " ERROR audit: uid=%d pid=%d set_power_limit gpu=1 " % (os.getuid(), os.getpid()) \
+        in audit[1]
+    assert " INFO audit: uid=%d pid=%d set_power_limit gpu=0 power_limit_mw=200000 block=false: " \
+        "ok" % (os.getuid(), os.getpid()) in audit[0]
 
 
 def test_commands_run_in_order_per_gpu_and_concurrently_across_gpus(node, start):
@@ -1831,7 +1838,8 @@ def test_a_hung_gpu_does_not_stall_the_others(node, start):
     node.update(delay={})
     wait_for(lambda: "GPU 2 reads again" in daemon.log(), "GPU 2 to recover", timeout=6)
     assert daemon.get_json("/gpu/get_power")["power_mw"]["2"] == 99000
-    assert daemon.log().count("GPU 2 did not answer") == 1
+    assert sum("GPU 2 did not answer" in line and "left out of samples" in line
+               for line in daemon.log().splitlines()) == 1
     stream.close()
 
 
@@ -1871,7 +1879,8 @@ def test_sampler_survives_unexpected_errors(node, start):
     node.update(crash=[])
     node.set_gpu(2, instant_mw=42000)
     assert stream.next_event()["power_mw"] == {"2": 42000}
-    assert daemon.log().count("GPU 2: unexpected error reading it") == 1
+    assert sum("GPU 2: unexpected error reading it" in line and "left out of samples" in line
+               for line in daemon.log().splitlines()) == 1
     assert "Traceback" not in daemon.log()
     stream.close()
 
@@ -2121,11 +2130,30 @@ def test_overrides_let_gpu_control_run_without_root():
 
 # ---- §8 Logging ----
 
-def test_request_log_lines_and_level(node, start):
-    daemon = start()
+def test_request_log_lines_and_level(node, key_path, start):
+    daemon = start("--enable", "gpu-read", env={"ZEUSD_LOG": "debug"})
+    caller = "uid=%d pid=%d" % (os.getuid(), os.getpid())
     daemon.get("/gpu/get_power?gpu_ids=0")
-    wait_for(lambda: "GET /gpu/get_power 200 " in daemon.log(), "the request line")
-    daemon.stop()
+    daemon.get("/gpu/get_power?gpu_ids=9")
+    raw_exchange(daemon, b"BAD\r\n\r\n")
+    wait_for(lambda: " - - 400: " in daemon.log(), "the request lines")
+    log_text = daemon.log()
+    assert " INFO %s GET /gpu/get_power?gpu_ids=0 200 " % caller in log_text
+    assert " INFO %s GET /gpu/get_power?gpu_ids=9 400 " % caller in log_text
+    assert "ms: Unknown GPU indices: [9]. Available: [0, 1, 2]" in log_text
+    assert " INFO %s - - 400: Malformed request line." % caller in log_text
+    assert re.search(r" DEBUG nvmlDeviceGetFieldValues: [0-9.]+ us", log_text)
+    assert " ERROR " not in log_text
+    tcp = start("--signing-key-path", key_path, "--enable", "gpu-read", mode="tcp")
+    secret = token(["gpu-read"])
+    client = tcp.connect()
+    assert client.request("GET", "/auth/whoami", {"Authorization": "Bearer " + secret}
+                          ).status == 200
+    port = client.sock.getsockname()[1]
+    client.close()
+    wait_for(lambda: "GET /auth/whoami" in tcp.log(), "the request line")
+    assert " INFO 127.0.0.1:%d user=alice GET /auth/whoami 200 " % port in tcp.log()
+    assert secret not in tcp.log() and secret.split(".")[2] not in tcp.log()
     quiet = start(env={"ZEUSD_LOG": "warning"})
     quiet.get("/time")
     quiet.stop()

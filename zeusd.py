@@ -46,6 +46,7 @@ import signal
 import socket
 import socketserver
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -165,6 +166,58 @@ def setup_logging():
 def flush_logs():
     for handler in log.handlers:
         handler.flush()
+
+
+class LogTimestamps:
+    """The handler's timestamp text, with the part up to the second made once a second."""
+
+    def __init__(self):
+        self.cached = (None, "")
+
+    def now(self):
+        now = time.time()
+        second = int(now)
+        cached = self.cached
+        if cached[0] != second:
+            cached = self.cached = (second, time.strftime("%Y-%m-%d %H:%M:%S",
+                                                          time.localtime(second)))
+        return "%s,%03d" % (cached[1], (now - second) * 1000)
+
+
+LOG_TIMESTAMPS = LogTimestamps()
+
+
+def log_fast(message):
+    """Write an INFO line as the handler would, but in one os.write of its own: for the
+    per-request lines, where the logging module's path costs several times more. Nothing is
+    buffered, so no line is lost at exit and lines keep their order."""
+    if log.isEnabledFor(logging.INFO):
+        data = ("%s INFO %s\n" % (LOG_TIMESTAMPS.now(), escape_unprintable(message))).encode(
+            "utf-8", "replace")
+        while data:
+            data = data[os.write(2, data):]
+
+
+class TimedLibrary:
+    """A device library whose calls are logged at DEBUG with their duration (only used when
+    ZEUSD_LOG=debug, so that the normal path pays nothing)."""
+
+    def __init__(self, library):
+        self.library = library
+
+    def __getattr__(self, name):
+        value = getattr(self.library, name)
+        if not name.startswith("nvml") or not callable(value):
+            return value
+
+        def timed(*args):
+            started = time.perf_counter()
+            try:
+                return value(*args)
+            finally:
+                log.debug("%s: %.1f us", name, (time.perf_counter() - started) * 1e6)
+        timed.__name__ = name
+        return timed
 
 
 # ---- Errors: how the startup, a device operation or a request fails ----
@@ -532,7 +585,7 @@ def open_gpu_backend():
         log.warning("pynvml is not installed (pip install nvidia-ml-py): serving zero GPUs")
         return GpuBackend()
     try:
-        return NvmlBackend(pynvml)
+        return NvmlBackend(TimedLibrary(pynvml) if log.isEnabledFor(logging.DEBUG) else pynvml)
     except pynvml.NVMLError as err:
         if getattr(err, "value", None) in NVML_ABSENT:
             log.warning("NVML is not available (%s): serving zero GPUs", err)
@@ -1053,19 +1106,26 @@ class RaplWrapGuard:
 CONTROL_QUEUE_LIMIT = 256
 
 
+CLIENT_ERROR_KINDS = ("invalid-argument", "not-supported")
+
+
 class ControlJob:
-    """One control command for one GPU; `done` is set once it ran, with `error` if it failed."""
+    """One control command for one GPU; `done` is set once it ran, with `error` if it failed.
+    Each one that reaches the GPU leaves an audit line: who, what, with which arguments, and
+    the outcome (ERROR level only for the device's failures, not the client's mistakes)."""
 
-    __slots__ = ("gpu", "operation", "args", "done", "error")
+    __slots__ = ("gpu", "operation", "args", "named", "who", "done", "error")
 
-    def __init__(self, gpu, operation, args):
+    def __init__(self, gpu, operation, args, named, who):
         self.gpu = gpu
         self.operation = operation
         self.args = args
+        self.named = named
+        self.who = who
         self.done = threading.Event()
         self.error = None
 
-    def run(self, backend):
+    def run(self, backend, counts):
         try:
             getattr(backend, self.operation)(self.gpu, *self.args)
         except DeviceError as err:
@@ -1073,9 +1133,12 @@ class ControlJob:
         except Exception as err:
             self.error = DeviceError("failed", "%s failed on GPU %d: %s"
                                      % (self.operation, self.gpu, err))
-        if self.error is not None:
-            log.error("GPU %d: %s%r failed: %s", self.gpu, self.operation, self.args,
-                      self.error.message)
+        result = "ok" if self.error is None else "error"
+        counts[self.operation, result] += 1
+        level = logging.ERROR if result == "error" and \
+            self.error.kind not in CLIENT_ERROR_KINDS else logging.INFO
+        log.log(level, "audit: %s %s gpu=%d%s: %s", self.who, self.operation, self.gpu,
+                self.named, "ok" if self.error is None else "error: " + self.error.message)
         self.done.set()
 
 
@@ -1085,26 +1148,28 @@ class GpuControl:
     def __init__(self, backend):
         self.backend = backend
         self.lock = threading.Lock()
+        self.counts = collections.Counter()  # (operation, "ok" or "error") -> operations run
         self.queues = [queue.Queue() for _ in backend.gpus]
         for index, jobs in enumerate(self.queues):
             threading.Thread(target=self.work, args=(jobs,), name="gpu%d-control" % index,
                              daemon=True).start()
 
-    def submit(self, ids, operation, args):
-        """Queue the command on every GPU in ids, or on none if one of their queues is full."""
+    def submit(self, ids, operation, args, named, who):
+        """Queue the command on every GPU in ids, or on none if one of their queues is full;
+        named ('power_limit_mw=200000') and who (the caller) are for the audit line."""
         with self.lock:
             for index in ids:
                 if self.queues[index].qsize() >= CONTROL_QUEUE_LIMIT:
                     raise DeviceError("busy", "GPU %d has %d control commands queued; try again "
                                               "later." % (index, CONTROL_QUEUE_LIMIT))
-            jobs = [ControlJob(index, operation, args) for index in ids]
+            jobs = [ControlJob(index, operation, args, named, who) for index in ids]
             for job in jobs:
                 self.queues[job.gpu].put(job)
         return jobs
 
     def work(self, jobs):
         while True:
-            jobs.get().run(self.backend)
+            jobs.get().run(self.backend, self.counts)
 
 
 # ---- Sampling: demand-driven samplers, one read per device per tick, isolated from hangs ----
@@ -1563,12 +1628,13 @@ class Reply:
     """A complete answer: status, body (JSON unless a Content-Type header says otherwise) and
     extra headers as (name, value) pairs. Only the wire layer turns it into bytes."""
 
-    __slots__ = ("status", "body", "headers")
+    __slots__ = ("status", "body", "headers", "reason")
 
-    def __init__(self, status, body=b"", headers=()):
+    def __init__(self, status, body=b"", headers=(), reason=None):
         self.status = status
         self.body = body
         self.headers = headers
+        self.reason = reason  # for the request's log line
 
 
 def json_body(value):
@@ -1582,8 +1648,8 @@ def error_body(message):
 def error_reply(err):
     """The Reply for an HttpError or a DeviceError."""
     if isinstance(err, DeviceError):
-        return Reply(DEVICE_STATUS[err.kind], error_body(err.message))
-    return Reply(err.status, error_body(err.message), err.headers)
+        return Reply(DEVICE_STATUS[err.kind], error_body(err.message), reason=err.message)
+    return Reply(err.status, error_body(err.message), err.headers, err.message)
 
 
 def errors_reply(errors):
@@ -1592,8 +1658,8 @@ def errors_reply(errors):
         return EMPTY_OK
     status = max((DEVICE_STATUS[err.kind] for err in errors.values()),
                  key=lambda s: SEVERITY.get(s, 0))
-    return Reply(status, json_body({"errors": {str(i): err.message
-                                               for i, err in sorted(errors.items())}}))
+    messages = {str(i): err.message for i, err in sorted(errors.items())}
+    return Reply(status, json_body({"errors": messages}), reason="; ".join(messages.values()))
 
 
 EMPTY_OK = Reply(200)
@@ -1679,14 +1745,15 @@ def select_ids(requested, available, kind, list_unknown=False):
 
 # ---- HTTP, API: routes and their handlers, behind group gating, auth and method checks ----
 
-Request = collections.namedtuple("Request", "method path query version headers")
+Request = collections.namedtuple("Request", "method path query version headers peer")
 Route = collections.namedtuple("Route", "group method params handler")
 Stream = collections.namedtuple("Stream", "sampler ids per_device")
 IDS = (parse_ids, False)
 REQUIRED_IDS = (parse_ids, True)
 BOOL = (parse_bool, True)
 U32 = (parse_u32, True)
-INTERNAL_ERROR = Reply(500, error_body("Internal server error; see the daemon's log."))
+INTERNAL_ERROR = Reply(500, error_body("Internal server error; see the daemon's log."),
+                       reason="internal error (traceback above)")
 
 
 class Api:
@@ -1776,7 +1843,7 @@ class Api:
             claims = self.authenticate(request)
             route = self.route(request, claims)
             args = parse_query(request.query, route.params) if route.params is not None else None
-            result = route.handler(args, claims)
+            result = route.handler(args, claims, request)
         except (HttpError, DeviceError) as err:
             result = error_reply(err)
         except Exception:
@@ -1809,15 +1876,15 @@ class Api:
     # Handlers: each takes the parsed arguments and the token's claims, and returns a Reply
     # or a Stream.
 
-    def discover(self, args, claims):
+    def discover(self, args, claims, request):
         return self.discover_reply
 
     @staticmethod
-    def time(args, claims):
+    def time(args, claims, request):
         return Reply(200, b'{"timestamp_ms": %d}' % int(time.time() * 1000))
 
     @staticmethod
-    def whoami(args, claims):
+    def whoami(args, claims, request):
         body = {"sub": claims.sub, "scopes": list(claims.scopes)}
         if claims.exp is not None:
             body["exp"] = claims.exp
@@ -1840,9 +1907,14 @@ class Api:
         return select_ids(requested, self.node.gpu_ids, "GPU", list_unknown)
 
     def control(self, operation, *arg_names):
-        def handler(args, claims):
+        def handler(args, claims, request):
             ids = self.gpus_for(args["gpu_ids"], claims)
-            jobs = self.node.control.submit(ids, operation, tuple(args[n] for n in arg_names))
+            values = tuple(args[n] for n in arg_names)
+            named = "".join(" %s=%s" % (n, str(v).lower() if isinstance(v, bool) else v)
+                            for n, v in zip(arg_names, values))
+            who = request.peer + (" user=" + claims.sub if claims is not None else "")
+            jobs = self.node.control.submit(ids, operation, values,
+                                            named + " block=%s" % str(args["block"]).lower(), who)
             if not args["block"]:
                 return EMPTY_OK
             for job in jobs:
@@ -1851,7 +1923,7 @@ class Api:
         return handler
 
     def gpu_read(self, read):
-        def handler(args, claims):
+        def handler(args, claims, request):
             results, errors = {}, {}
             for index in self.gpus_for(args.get("gpu_ids"), claims):
                 try:
@@ -1866,20 +1938,20 @@ class Api:
         low, high = backend.power_limit_constraints_mw(index)
         return {"min_power_limit_mw": low, "max_power_limit_mw": high}
 
-    def gpu_power(self, args, claims):
+    def gpu_power(self, args, claims, request):
         ids = self.gpus_for(args.get("gpu_ids"), claims, list_unknown=True)
         return self.power(self.node.gpu_sampler, ids)
 
-    def gpu_stream(self, args, claims):
+    def gpu_stream(self, args, claims, request):
         return Stream(self.node.gpu_sampler,
                       self.gpus_for(args.get("gpu_ids"), claims, list_unknown=True),
                       self.per_device)
 
-    def cpu_power(self, args, claims):
+    def cpu_power(self, args, claims, request):
         ids = select_ids(args.get("cpu_ids"), self.node.cpu_ids, "CPU", list_unknown=True)
         return self.power(self.node.cpu_sampler, ids)
 
-    def cpu_stream(self, args, claims):
+    def cpu_stream(self, args, claims, request):
         return Stream(self.node.cpu_sampler, select_ids(args.get("cpu_ids"), self.node.cpu_ids,
                                                         "CPU", list_unknown=True), self.per_device)
 
@@ -1893,7 +1965,7 @@ class Api:
         errors = {i: sample.errors[i] for i in ids if i in sample.errors}
         return errors_reply(errors) if errors else Reply(200, sample.render(ids)[1])
 
-    def cpu_energy(self, args, claims):
+    def cpu_energy(self, args, claims, request):
         results, errors = {}, {}
         for index in select_ids(args.get("cpu_ids"), self.node.cpu_ids, "CPU"):
             cpu = dram = None
@@ -1962,7 +2034,7 @@ def reply_bytes(reply, connection=b"", head_only=False):
 TOO_MANY_CONNECTIONS = reply_bytes(Reply(503, error_body("Too many connections")), CLOSE)
 
 
-def parse_head(head):
+def parse_head(head, peer="-"):
     """A Request from a head (request line and header lines, without the empty line)."""
     lines = head.split(b"\n")
     for index, line in enumerate(lines):
@@ -1997,7 +2069,7 @@ def parse_head(head):
         else:
             headers[key] += ", " + text
     path, query = split_target(target.decode("latin-1"))
-    return Request(method.decode("ascii"), path, query, version, headers)
+    return Request(method.decode("ascii"), path, query, version, headers, peer)
 
 
 def split_target(target):
@@ -2030,13 +2102,14 @@ class RequestReader:
     """Reads requests off one connection: the head at its first empty line, then the body
     (Content-Length or chunked), discarded; HttpError for anything malformed or over a limit."""
 
-    def __init__(self, sock):
+    def __init__(self, sock, peer="-"):
         self.sock = sock
+        self.peer = peer
         self.buffer = b""
 
     def next_request(self):
         """The next Request, its body consumed; ConnectionClosed if the client goes or idles."""
-        request = parse_head(self.read_head())
+        request = parse_head(self.read_head(), self.peer)
         self.drain_body(request.headers)
         return request
 
@@ -2135,6 +2208,19 @@ class RequestReader:
             self.sock.sendall(CONTINUE)
 
 
+def peer_of(sock, address):
+    """Who is on the other end: `ip:port` over TCP, `uid=U pid=P` over a Unix socket."""
+    if sock.family == socket.AF_UNIX:
+        try:
+            pid, uid, _ = struct.unpack("3i", sock.getsockopt(
+                socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+            return "uid=%d pid=%d" % (uid, pid)
+        except OSError:
+            return "unix"
+    host, port = address[:2]
+    return "%s:%d" % ("[%s]" % host if ":" in host else host, port)
+
+
 def linger(sock):
     """Close gracefully after an error: stop sending, then discard what the client still sends
     for a moment, so that it reads the error instead of a connection reset."""
@@ -2158,7 +2244,8 @@ class HttpConnection(socketserver.BaseRequestHandler):
 
     def setup(self):
         self.sock = self.request
-        self.reader = RequestReader(self.sock)
+        self.peer = peer_of(self.sock, self.client_address)
+        self.reader = RequestReader(self.sock, self.peer)
         self.api = self.server.api
         if self.sock.family != socket.AF_UNIX:
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -2176,24 +2263,27 @@ class HttpConnection(socketserver.BaseRequestHandler):
             request = self.reader.next_request()
         except HttpError as err:
             self.sock.sendall(reply_bytes(error_reply(err), CLOSE))
-            log.info("- - %d (%s)", err.status, err.message)
+            log_fast("%s - - %d: %s" % (self.peer, err.status, err.message))
             linger(self.sock)
             return False
         started = time.monotonic()
         result, user = self.api.handle(request)
+        reason = None
         if isinstance(result, Stream):
             self.stream(result)
             status, keep_alive = 200, False
         else:
+            reason = result.reason
             status, keep_alive = result.status, wants_keep_alive(request)
             if not keep_alive:
                 connection = CLOSE
             else:
                 connection = KEEP_ALIVE if request.version == b"HTTP/1.0" else b""
             self.sock.sendall(reply_bytes(result, connection, request.method == "HEAD"))
-        if log.isEnabledFor(logging.INFO):
-            log.info("%s %s %d %.2fms%s", request.method, shown(request.path), status,
-                     (time.monotonic() - started) * 1000, " user=" + user if user else "")
+        log_fast("%s%s %s %s%s %d %.2fms%s" % (
+            self.peer, " user=" + user if user else "", request.method, shown(request.path),
+            "?" + shown(request.query) if request.query else "", status,
+            (time.monotonic() - started) * 1000, ": " + reason if reason else ""))
         return keep_alive
 
     def stream(self, stream):
