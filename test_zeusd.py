@@ -26,6 +26,8 @@ import tempfile
 import threading
 import time
 import warnings
+from urllib.parse import quote
+from urllib.request import urlopen
 
 import pytest
 
@@ -140,6 +142,10 @@ def nvmlDeviceGetHandleByIndex(index):
 
 def nvmlDeviceGetName(handle):
     return _call("nvmlDeviceGetName", handle)["name"]
+
+
+def nvmlDeviceGetUUID(handle):
+    return "GPU-%08x-0000-0000-0000-000000000000" % handle
 
 
 def nvmlDeviceGetPciInfo(handle):
@@ -2126,6 +2132,175 @@ def test_overrides_let_gpu_control_run_without_root():
             daemon.stop()
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+# ---- §10 Metrics ----
+
+def scrape(daemon, token_text=None):
+    """{(name, frozenset of label pairs): value} of a /metrics answer."""
+    response = daemon.get("/metrics", token=token_text)
+    assert response.status == 200, response
+    assert response.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+    samples = {}
+    for line in response.body.decode().splitlines():
+        if line.startswith("#") or not line:
+            continue
+        series, _, value = line.rpartition(" ")
+        name, _, labels = series.partition("{")
+        pairs = frozenset(tuple(item.split("=", 1)) for item in
+                          re.findall(r'[a-z_]+="[^"]*"', labels))
+        samples[name, frozenset((k, v.strip('"')) for k, v in pairs)] = float(value)
+    return samples
+
+
+def series(samples, family, **labels):
+    return samples.get((family, frozenset((k, str(v)) for k, v in labels.items())))
+
+
+def test_metrics_families_and_values(node, start):
+    daemon = start()
+    daemon.post("/gpu/set_power_limit?gpu_ids=0&power_limit_mw=200000&block=true")
+    daemon.post("/gpu/set_power_limit?gpu_ids=1&power_limit_mw=900000&block=true")
+    samples = scrape(daemon)
+    assert series(samples, "zeusd_gpu_info", gpu=2, name="NVIDIA H100 80GB HBM3",
+                  pci_address="0000:c1:00.0", uuid="GPU-00000002-0000-0000-0000-000000000000") == 1
+    assert series(samples, "zeusd_gpu_power_watts", gpu=0) == 76.0
+    assert series(samples, "zeusd_gpu_power_watts", gpu=1) == 120.0
+    assert series(samples, "zeusd_gpu_energy_joules_total", gpu=0) == 123.456
+    assert series(samples, "zeusd_gpu_energy_joules_total", gpu=1) is None
+    assert series(samples, "zeusd_gpu_power_limit_watts", gpu=1) == 300.0
+    assert series(samples, "zeusd_gpu_power_limit_min_watts", gpu=1) == 100.0
+    assert series(samples, "zeusd_gpu_power_limit_max_watts", gpu=1) == 700.0
+    assert series(samples, "zeusd_cpu_info", cpu=1, zone="psys") == 1
+    assert series(samples, "zeusd_cpu_energy_joules_total", cpu=0, domain="dram") == 0.005
+    assert series(samples, "zeusd_cpu_energy_joules_total", cpu=1, domain="dram") is None
+    assert series(samples, "zeusd_cpu_power_watts", cpu=0, domain="package") == 0.0
+    assert series(samples, "zeusd_build_info", version=zeusd.__version__,
+                  python=daemon_python_version()) == 1
+    assert series(samples, "zeusd_http_requests_total", path="/gpu/set_power_limit",
+                  status=200) == 1
+    assert series(samples, "zeusd_http_requests_total", path="/gpu/set_power_limit",
+                  status=400) == 1
+    assert series(samples, "zeusd_gpu_control_operations_total", operation="set_power_limit",
+                  result="ok") == 1
+    assert series(samples, "zeusd_gpu_control_operations_total", operation="set_power_limit",
+                  result="error") == 1
+    assert series(samples, "zeusd_stream_subscribers", kind="gpu") == 0
+    assert 0 < series(samples, "process_resident_memory_bytes") < 1e9
+    assert abs(series(samples, "process_start_time_seconds") - time.time()) < 60
+    assert series(samples, "process_open_fds") > 3 and series(samples, "process_cpu_seconds_total")
+    daemon.get("/no/such/path")
+    stream = daemon.stream("/cpu/stream_power")
+    samples = scrape(daemon)
+    assert series(samples, "zeusd_http_requests_total", path="other", status=404) == 1
+    assert series(samples, "zeusd_stream_subscribers", kind="cpu") == 1
+    stream.close()
+
+
+def daemon_python_version():
+    return subprocess.run([PYTHON, "-c", "import sys; print(sys.version.split()[0])"],
+                          stdout=subprocess.PIPE).stdout.decode().strip()
+
+
+def test_metrics_are_demand_driven_and_leave_failing_devices_out(node, start):
+    daemon = start("--enable", "gpu-read")
+    scrape(daemon)
+    settled = len(node.calls())
+    assert not happens_within(lambda: len(node.calls()) != settled, 0.3)
+    node.update(fail={"nvmlDeviceGetTotalEnergyConsumption": {"0": 15},
+                      "nvmlDeviceGetFieldValues": {"2": 999}})
+    for _ in range(2):
+        samples = scrape(daemon)
+        assert series(samples, "zeusd_gpu_energy_joules_total", gpu=0) is None
+        assert series(samples, "zeusd_gpu_power_watts", gpu=2) is None
+        assert series(samples, "zeusd_gpu_power_watts", gpu=0) == 76.0
+        assert series(samples, "zeusd_gpu_energy_joules_total", gpu=2) == 5.0
+    assert sum("nvmlDeviceGetTotalEnergyConsumption failed on GPU 0" in line
+               for line in daemon.log().splitlines() if " ERROR " in line) == 1
+    node.update(fail={})
+    assert series(scrape(daemon), "zeusd_gpu_energy_joules_total", gpu=0) == 123.456
+    assert "metrics: energy of GPU 0 reads again" in daemon.log()
+    assert "zeusd_cpu" not in daemon.get("/metrics").body.decode()
+
+
+def test_metrics_follow_token_scopes_and_gpus(key_path, start):
+    daemon = start("--signing-key-path", key_path, "--enable", "gpu-read,cpu-read,gpu-control")
+    assert daemon.get("/metrics").status == 401
+    cpu_only = scrape(daemon, token(["cpu-read"]))
+    assert not any(name.startswith("zeusd_gpu_info") for name, _ in cpu_only)
+    assert series(cpu_only, "zeusd_cpu_info", cpu=0, zone="package-0") == 1
+    limited = scrape(daemon, gpu_token([1]))
+    assert sorted(dict(labels)["gpu"] for name, labels in limited
+                  if name == "zeusd_gpu_power_watts") == ["1"]
+    assert not any(name == "zeusd_cpu_info" for name, _ in limited)
+    disabled = start("--enable", "gpu-control", socket_name="control-only.sock")
+    assert "Neither API group" in error_of(disabled.get("/metrics"), 404)
+
+
+def prometheus_tool(name):
+    directory = os.environ.get("ZEUSD_TEST_PROMETHEUS_DIR")
+    path = os.path.join(directory, name) if directory else shutil.which(name)
+    if not path or not os.access(path, os.X_OK):
+        pytest.skip("no %s: set ZEUSD_TEST_PROMETHEUS_DIR to a directory holding it (.ci/run "
+                    "unpacks Debian's prometheus package there)" % name)
+    return path
+
+
+def test_promtool_finds_nothing_to_report_in_a_scrape(node, start):
+    promtool = prometheus_tool("promtool")
+    daemon = start()
+    daemon.post("/gpu/set_power_limit?gpu_ids=0&power_limit_mw=200000&block=true")
+    daemon.get("/nope")
+    body = daemon.get("/metrics").body
+    result = subprocess.run([promtool, "check", "metrics"], input=body, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, timeout=30)
+    assert (result.returncode, result.stdout) == (0, b""), result.stdout.decode()
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.parametrize("with_auth", [False, True])
+def test_prometheus_scrapes_the_daemon(node, key_path, start, with_auth):
+    binary = prometheus_tool("prometheus")
+    args = ["--signing-key-path", key_path] if with_auth else []
+    daemon = start(*args, mode="tcp")
+    credentials = ("    authorization:\n      credentials: %s\n" % token(["gpu-read", "cpu-read"])
+                   if with_auth else "")
+    config = os.path.join(node.root, "prometheus.yml")
+    with open(config, "w") as config_file:
+        config_file.write("global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: zeusd\n"
+                          "%s    static_configs:\n      - targets: ['127.0.0.1:%d']\n"
+                          % (credentials, daemon.address[1]))
+    port = free_port()
+    with RaplTicker(node, {"intel-rapl:0": (1000000, 50.0)}):
+        server = subprocess.Popen(
+            [binary, "--config.file", config, "--storage.tsdb.path",
+             os.path.join(node.root, "tsdb"), "--web.listen-address", "127.0.0.1:%d" % port],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            def query(expression):
+                url = "http://127.0.0.1:%d/api/v1/query?query=%s" % (port, quote(expression))
+                try:
+                    with urlopen(url, timeout=5) as answer:
+                        results = json.loads(answer.read().decode())["data"]["result"]
+                except OSError:
+                    return None
+                return float(results[0]["value"][1]) if results else None
+            energy = 'zeusd_cpu_energy_joules_total{cpu="0",domain="package"}'
+            rate = "rate(%s[5s])" % energy
+            wait_for(lambda: (query("count_over_time(%s[5s])" % energy) or 0) >= 5,
+                     "five seconds of scrapes", timeout=30)
+            assert query('zeusd_gpu_power_watts{gpu="0"}') == 76.0
+            assert query('zeusd_gpu_energy_joules_total{gpu="0"}') == 123.456
+            assert abs(query(rate) - 50.0) < 2.5
+            assert query('up{job="zeusd"}') == 1.0
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
 
 
 # ---- §8 Logging ----

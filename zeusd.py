@@ -418,7 +418,7 @@ class Authenticator:
 
 # ---- Devices, GPUs: the backend interface and its NVML implementation ----
 
-GpuInfo = collections.namedtuple("GpuInfo", "name pci_address cumulative_energy_available")
+GpuInfo = collections.namedtuple("GpuInfo", "name pci_address cumulative_energy_available uuid")
 NVML_KINDS = {2: "invalid-argument", 3: "not-supported", 4: "no-permission"}
 NVML_ABSENT = (9, 12)  # driver not loaded, library not found
 NVML_NOT_SUPPORTED = 3
@@ -497,8 +497,12 @@ class NvmlBackend(GpuBackend):
         for index, handle in enumerate(self.handles):
             name = text_of(nvml.nvmlDeviceGetName(handle))
             pci = lspci_address(nvml.nvmlDeviceGetPciInfo(handle).busId)
+            try:
+                uuid = text_of(nvml.nvmlDeviceGetUUID(handle))
+            except nvml.NVMLError:
+                uuid = ""
             gpus.append(GpuInfo(name, pci, self._answers(nvml.nvmlDeviceGetTotalEnergyConsumption,
-                                                         handle)))
+                                                         handle), uuid))
             self.instant[index] = self._instant_code(handle) != NVML_NOT_SUPPORTED
         self.gpus = gpus
 
@@ -1125,7 +1129,7 @@ class ControlJob:
         self.done = threading.Event()
         self.error = None
 
-    def run(self, backend, counts):
+    def run(self, backend, counts, counts_lock):
         try:
             getattr(backend, self.operation)(self.gpu, *self.args)
         except DeviceError as err:
@@ -1134,7 +1138,8 @@ class ControlJob:
             self.error = DeviceError("failed", "%s failed on GPU %d: %s"
                                      % (self.operation, self.gpu, err))
         result = "ok" if self.error is None else "error"
-        counts[self.operation, result] += 1
+        with counts_lock:
+            counts[self.operation, result] += 1
         level = logging.ERROR if result == "error" and \
             self.error.kind not in CLIENT_ERROR_KINDS else logging.INFO
         log.log(level, "audit: %s %s gpu=%d%s: %s", self.who, self.operation, self.gpu,
@@ -1169,7 +1174,7 @@ class GpuControl:
 
     def work(self, jobs):
         while True:
-            jobs.get().run(self.backend, self.counts)
+            jobs.get().run(self.backend, self.counts, self.lock)
 
 
 # ---- Sampling: demand-driven samplers, one read per device per tick, isolated from hangs ----
@@ -1236,7 +1241,7 @@ class FailureLog:
     def answered(self, values):
         for index in self.failing.intersection(values):
             self.failing.discard(index)
-            log.info("%s %d reads again", self.kind, index)
+            log.info("%s %s reads again", self.kind, index)
 
 
 class GpuPowerMeter:
@@ -1776,6 +1781,11 @@ class Api:
         if authenticator is None:
             del self.routes["/auth/whoami"]
             self.disabled["/auth/whoami"] = "Authentication is not enabled on this server."
+        if "gpu-read" not in groups and "cpu-read" not in groups:
+            del self.routes["/metrics"]
+            self.disabled["/metrics"] = ("Neither API group 'gpu-read' nor 'cpu-read' is enabled "
+                                         "on this server.")
+        self.metrics = Metrics(node, groups, list(self.routes) + list(self.disabled))
         self.discover_reply = Reply(200, json_body(self.discovery()))
 
     def all_routes(self):
@@ -1785,6 +1795,7 @@ class Api:
             "/discover": Route(None, "GET", None, self.discover),
             "/time": Route(None, "GET", None, self.time),
             "/auth/whoami": Route(None, "GET", None, self.whoami),
+            "/metrics": Route(None, "GET", None, self.scrape),
             "/gpu/set_power_limit": Route(
                 "gpu-control", "POST", dict(ctl, power_limit_mw=U32),
                 self.control("set_power_limit", "power_limit_mw")),
@@ -1893,6 +1904,9 @@ class Api:
             body["gpus"] = list(claims.gpus)
         return Reply(200, json_body(body))
 
+    def scrape(self, args, claims, request):
+        return self.metrics.render(claims, self.gpus_for(None, claims))
+
     def gpus_for(self, requested, claims, list_unknown=False):
         """The GPU ids a request covers: those it names (403 if the token's gpus claim leaves
         one out; 400 if one does not exist), else every GPU the token may use."""
@@ -1979,6 +1993,160 @@ class Api:
             results[str(index)] = {"cpu_energy_uj": cpu if args["cpu"] else None,
                                    "dram_energy_uj": dram if args["dram"] else None}
         return errors_reply(errors) if errors else Reply(200, json_body(results))
+
+
+# ---- HTTP, metrics: the Prometheus exposition of the devices and the daemon ----
+
+METRICS_TYPE = (("Content-Type", "text/plain; version=0.0.4; charset=utf-8"),)
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
+def label_value(value):
+    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+class MetricsPage:
+    """One scrape's text: families in order, each with its HELP and TYPE lines."""
+
+    def __init__(self):
+        self.lines = []
+
+    def family(self, name, kind, help_text, samples):
+        """samples: [(labels as ((name, value), ...), number)]."""
+        self.lines.append("# HELP %s %s\n# TYPE %s %s\n" % (name, help_text, name, kind))
+        for labels, value in samples:
+            text = ",".join('%s="%s"' % (key, label_value(v)) for key, v in labels)
+            self.lines.append("%s{%s} %s\n" % (name, text, repr(float(value))) if text else
+                              "%s %s\n" % (name, repr(float(value))))
+
+    def body(self):
+        return "".join(self.lines).encode("utf-8")
+
+
+class Metrics:
+    """Counts requests, and renders a scrape: the device families of the enabled read groups
+    that the token covers (read fresh: no device call between scrapes), then the daemon's."""
+
+    def __init__(self, node, groups, paths):
+        self.node = node
+        self.groups = groups
+        self.paths = frozenset(paths)
+        self.lock = threading.Lock()
+        self.requests = collections.Counter()  # (path or "other", status) -> requests answered
+        self.failures = FailureLog("metrics:")
+        self.started = process_start_time()
+
+    def count(self, path, status):
+        with self.lock:
+            self.requests[path if path in self.paths else "other", status] += 1
+
+    def render(self, claims, gpu_ids):
+        page = MetricsPage()
+        if "gpu-read" in self.groups and (claims is None or "gpu-read" in claims.scopes):
+            self.gpu_families(page, gpu_ids)
+        if "cpu-read" in self.groups and (claims is None or "cpu-read" in claims.scopes):
+            self.cpu_families(page)
+        self.daemon_families(page)
+        return Reply(200, page.body(), METRICS_TYPE)
+
+    def reads(self, what, ids, read):
+        """[(id, value)] of the ids whose read succeeds; failures left out and logged once."""
+        results, answered = [], set()
+        for index in ids:
+            try:
+                results.append((index, read(index)))
+                answered.add("%s %d" % (what, index))
+            except DeviceError as err:
+                self.failures.failed("%s %d" % (what, index), err)
+        self.failures.answered(answered)
+        return results
+
+    def gpu_families(self, page, ids):
+        backend = self.node.gpu
+        page.family("zeusd_gpu_info", "gauge", "The GPUs this daemon serves.",
+                    [((("gpu", i), ("name", backend.gpus[i].name),
+                       ("pci_address", backend.gpus[i].pci_address),
+                       ("uuid", backend.gpus[i].uuid)), 1) for i in ids])
+        sample = self.node.gpu_sampler.current(ids)
+        values = sample.values if sample is not None else {}
+        page.family("zeusd_gpu_power_watts", "gauge", "Instant GPU power.",
+                    [((("gpu", i),), values[i] / 1000.0) for i in ids if i in values])
+        with_counter = [i for i in ids if backend.gpus[i].cumulative_energy_available]
+        page.family("zeusd_gpu_energy_joules_total", "counter",
+                    "GPU energy since the driver loaded (NVML total energy).",
+                    [((("gpu", i),), mj / 1000.0)
+                     for i, mj in self.reads("energy of GPU", with_counter, backend.energy_mj)])
+        page.family("zeusd_gpu_power_limit_watts", "gauge", "GPU power limit.",
+                    [((("gpu", i),), mw / 1000.0)
+                     for i, mw in self.reads("power limit of GPU", ids, backend.power_limit_mw)])
+        constraints = self.reads("power limit constraints of GPU", ids,
+                                 backend.power_limit_constraints_mw)
+        for name, position, what in (("min", 0, "Lowest"), ("max", 1, "Highest")):
+            page.family("zeusd_gpu_power_limit_%s_watts" % name, "gauge",
+                        "%s power limit the GPU accepts." % what,
+                        [((("gpu", i),), pair[position] / 1000.0) for i, pair in constraints])
+
+    def cpu_families(self, page):
+        node = self.node
+        page.family("zeusd_cpu_info", "gauge", "The RAPL zones (CPU packages, psys) served.",
+                    [((("cpu", p.index), ("zone", p.name)), 1) for p in node.cpus])
+        energy = self.reads("energy of CPU", node.cpu_ids, lambda i: node.cpu_by_id[i].read())
+        page.family("zeusd_cpu_energy_joules_total", "counter",
+                    "RAPL energy, wraparound-corrected.",
+                    [((("cpu", i), ("domain", domain)), uj / 1e6) for i, pair in energy
+                     for domain, uj in zip(("package", "dram"), pair) if uj is not None])
+        sample = node.cpu_sampler.current(node.cpu_ids)
+        values = sample.values if sample is not None else {}
+        page.family("zeusd_cpu_power_watts", "gauge", "CPU package and DRAM power.",
+                    [((("cpu", i), ("domain", domain)), mw / 1000.0) for i in node.cpu_ids
+                     if i in values for domain, mw in zip(("package", "dram"), values[i])
+                     if mw is not None])
+
+    def daemon_families(self, page):
+        node = self.node
+        page.family("zeusd_build_info", "gauge", "The daemon's version and Python.",
+                    [((("version", __version__), ("python", sys.version.split()[0])), 1)])
+        with self.lock:
+            requests = sorted(self.requests.items())
+        page.family("zeusd_http_requests_total", "counter", "HTTP requests answered.",
+                    [((("path", path), ("status", status)), count)
+                     for (path, status), count in requests])
+        page.family("zeusd_stream_subscribers", "gauge", "Open power streams.",
+                    [((("kind", "gpu"),), len(node.gpu_sampler.streams)),
+                     ((("kind", "cpu"),), len(node.cpu_sampler.streams))])
+        operations = sorted(node.control.counts.items()) if node.control else []
+        page.family("zeusd_gpu_control_operations_total", "counter",
+                    "GPU control operations run, by outcome.",
+                    [((("operation", operation), ("result", result)), count)
+                     for (operation, result), count in operations])
+        cpu_seconds, rss = process_usage()
+        page.family("process_cpu_seconds_total", "counter",
+                    "Total user and system CPU time spent in seconds.", [((), cpu_seconds)])
+        page.family("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.",
+                    [((), rss)])
+        page.family("process_start_time_seconds", "gauge",
+                    "Start time of the process since unix epoch in seconds.",
+                    [((), self.started)])
+        page.family("process_open_fds", "gauge", "Number of open file descriptors.",
+                    [((), len(os.listdir("/proc/self/fd")))])
+
+
+def process_usage():
+    """(CPU seconds, resident bytes) of this process, from /proc."""
+    with open("/proc/self/stat") as stat_file:
+        fields = stat_file.read().rpartition(")")[2].split()
+    with open("/proc/self/statm") as statm_file:
+        resident_pages = int(statm_file.read().split()[1])
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS, resident_pages * PAGE_SIZE
+
+
+def process_start_time():
+    with open("/proc/self/stat") as stat_file:
+        started_ticks = int(stat_file.read().rpartition(")")[2].split()[19])
+    with open("/proc/stat") as stat_file:
+        boot = next(int(line.split()[1]) for line in stat_file if line.startswith("btime "))
+    return boot + started_ticks / CLOCK_TICKS
 
 
 # ---- HTTP, wire: strict request framing within limits, replies as bytes, streams ----
@@ -2264,6 +2432,7 @@ class HttpConnection(socketserver.BaseRequestHandler):
             request = self.reader.next_request()
         except HttpError as err:
             self.sock.sendall(reply_bytes(error_reply(err), CLOSE))
+            self.api.metrics.count(None, err.status)
             if log.isEnabledFor(logging.INFO):
                 log_fast("%s - - %d: %s" % (self.peer, err.status, err.message))
             linger(self.sock)
@@ -2282,6 +2451,7 @@ class HttpConnection(socketserver.BaseRequestHandler):
             else:
                 connection = KEEP_ALIVE if request.version == b"HTTP/1.0" else b""
             self.sock.sendall(reply_bytes(result, connection, request.method == "HEAD"))
+        self.api.metrics.count(request.path, status)
         if log.isEnabledFor(logging.INFO):
             log_fast("%s%s %s %s%s %d %.2fms%s" % (
                 self.peer, " user=" + user if user else "", request.method, shown(request.path),
