@@ -666,6 +666,17 @@ def test_starts_without_pynvml_or_rapl(node, start):
     assert daemon.get_json("/cpu/get_power")["power_mw"] == {}
 
 
+def test_pynvml_beside_zeusd_needs_no_install(node, start):
+    """The copy-and-run install: pynvml.py (one file of nvidia-ml-py) next to zeusd.py."""
+    directory = os.path.join(node.root, "opt")
+    os.mkdir(directory)
+    shutil.copy(ZEUSD, directory)
+    shutil.copy(os.path.join(node.lib, "pynvml.py"), directory)
+    daemon = start("--enable", "gpu-read", script=os.path.join(directory, "zeusd.py"),
+                   env={"PYTHONPATH": ""})
+    assert daemon.get_json("/discover")["gpu_ids"] == [0, 1, 2]
+
+
 def test_missing_nvml_library_means_zero_gpus(node, start):
     node.update(init_fail=12)
     daemon = start()
@@ -2301,6 +2312,53 @@ def test_prometheus_scrapes_the_daemon(node, key_path, start, with_auth):
         finally:
             server.terminate()
             server.wait(timeout=30)
+
+
+# ---- zeusd status ----
+
+def status_cli(*args, **options):
+    return run_cli("status", *args, **options)
+
+
+def test_status_prints_the_node(node, start):
+    daemon = start()
+    status, out, err = status_cli("--socket-path", daemon.socket_path)
+    assert status == 0 and err == ""
+    rows = {line.split()[0] + " " + line.split()[1]: line.split() for line in out.splitlines()[2:]}
+    assert out.startswith("zeusd-py/%s at unix:%s" % (zeusd.__version__, daemon.socket_path))
+    assert rows["0 NVIDIA"][-3:] == ["76.0", "123.5", "300.0"]
+    assert rows["1 NVIDIA"][-3:] == ["120.0", "-", "300.0"]
+    assert rows["0 package-0"][-2:] == ["1.0", "0.0"] and rows["1 psys"][-1] == "-"
+
+
+def test_status_over_tcp_with_a_token(key_path, start):
+    daemon = start("--signing-key-path", key_path, "--enable", "gpu-read", mode="tcp")
+    address = "%s:%d" % daemon.address
+    status, out, _ = status_cli("--tcp", address, env={"ZEUSD_TOKEN": token(["gpu-read"])})
+    assert status == 0 and "NVIDIA A40" in out and "note:" not in out
+    status, out, _ = status_cli("--tcp", address, env={"ZEUSD_TOKEN": ""})
+    assert status == 0 and "note: http://%s answered 401 to GET /gpu/get_power" % address in out
+
+
+def test_status_without_a_daemon_is_one_line_and_exit_1(node):
+    status, out, err = status_cli("--socket-path", os.path.join(node.root, "none.sock"))
+    assert (status, out) == (1, "") and err.count("\n") == 1
+    assert err.startswith("zeusd status: cannot reach the daemon at unix:")
+
+
+def test_status_watch_redraws_from_the_streams(node, start):
+    daemon = start("--stream-format", "per-device", "--enable", "gpu-read")
+    watcher = subprocess.Popen([PYTHON, ZEUSD, "status", "--socket-path", daemon.socket_path,
+                                "--watch", "0.1"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: b"76.0" in watcher.stdout.readline(), "a first table")
+        node.set_gpu(0, instant_mw=42000)
+        wait_for(lambda: b"42.0" in watcher.stdout.readline(), "a table with the new power")
+        assert len(daemon.get_json("/gpu/get_power")["power_mw"]) == 3
+    finally:
+        watcher.send_signal(signal.SIGINT)
+        assert watcher.wait(TIMEOUT) == 0
 
 
 # ---- §8 Logging ----

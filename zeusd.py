@@ -34,6 +34,7 @@ import collections
 import errno
 import hashlib
 import hmac
+import http.client
 import json
 import logging
 import os
@@ -2782,6 +2783,194 @@ def raise_file_limit(wanted):
                         target, wanted)
 
 
+# ---- Status: `zeusd status`, a terminal view of a running daemon's devices ----
+
+STATUS_TIMEOUT_S = 10.0
+CLEAR_SCREEN = "\x1b[H\x1b[J"
+
+
+class StatusError(Exception):
+    """The daemon could not be reached or refused; main prints it on one line and exits 1."""
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """http.client over a Unix socket."""
+
+    def __init__(self, path, timeout):
+        http.client.HTTPConnection.__init__(self, "localhost", timeout=timeout)
+        self.socket_path = path
+
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.socket_path)
+
+
+class DaemonClient:
+    """GET requests to a daemon over its Unix socket or TCP, with an optional token."""
+
+    def __init__(self, socket_path, tcp_address, token):
+        self.socket_path = socket_path
+        self.tcp_address = tcp_address
+        self.headers = {"Authorization": "Bearer " + token} if token else {}
+        self.where = ("http://%s:%d" % tcp_address) if tcp_address else "unix:" + socket_path
+        self.server = "?"
+
+    def connect(self, timeout=STATUS_TIMEOUT_S):
+        if self.tcp_address:
+            return http.client.HTTPConnection(*self.tcp_address, timeout=timeout)
+        return UnixHTTPConnection(self.socket_path, timeout)
+
+    def open(self, path, timeout=STATUS_TIMEOUT_S):
+        """The response to GET path (status 200), its connection still open for streams."""
+        connection = self.connect(timeout)
+        try:
+            connection.request("GET", path, headers=self.headers)
+            response = connection.getresponse()
+        except (OSError, http.client.HTTPException) as err:
+            connection.close()
+            raise StatusError("cannot reach the daemon at %s: %s" % (self.where, err))
+        self.server = response.getheader("Server", "?")
+        if response.status != 200:
+            body = response.read().decode("utf-8", "replace")
+            connection.close()
+            try:
+                message = json.loads(body)
+                message = message.get("error") or message.get("errors")
+            except ValueError:
+                message = body[:200]
+            raise StatusError("%s answered %d to GET %s: %s" % (self.where, response.status,
+                                                                 path, message))
+        return response
+
+    def get(self, path):
+        response = self.open(path)
+        try:
+            return json.loads(response.read().decode("utf-8"))
+        finally:
+            response.close()
+
+    def get_or_none(self, path, notes):
+        """The JSON answer, or None with the reason added to notes."""
+        try:
+            return self.get(path)
+        except StatusError as err:
+            notes.append(str(err))
+            return None
+
+
+def node_status(client, gpu_power=None, cpu_power=None):
+    """The node's devices and their readings: (discovery, readings by kind, notes). Power comes
+    from the streams when given, else from one get_power each."""
+    discovery, notes = client.get("/discover"), []
+    gpus = discovery.get("gpus") or [{"id": i, "name": "?"} for i in discovery["gpu_ids"]]
+    cpus = discovery.get("cpus") or [{"id": i, "name": "?"} for i in discovery["cpu_ids"]]
+    readings = {"gpu": {}, "cpu": {}}
+    if gpus:
+        power = gpu_power
+        if power is None:
+            power = (client.get_or_none("/gpu/get_power", notes) or {}).get("power_mw", {})
+        energy = client.get_or_none("/gpu/get_cumulative_energy?gpu_ids=%s" % ",".join(
+            str(g["id"]) for g in gpus if g.get("cumulative_energy_available", True)), notes) \
+            if any(g.get("cumulative_energy_available", True) for g in gpus) else {}
+        limits = client.get_or_none("/gpu/get_power_limit", notes) or {}
+        for gpu in gpus:
+            key = str(gpu["id"])
+            readings["gpu"][key] = (power.get(key), ((energy or {}).get(key) or {}).get(
+                "energy_mj"), limits.get(key, {}).get("power_limit_mw"))
+    if cpus:
+        power = cpu_power
+        if power is None:
+            power = (client.get_or_none("/cpu/get_power", notes) or {}).get("power_mw", {})
+        energy = client.get_or_none("/cpu/get_cumulative_energy?cpu=true&dram=true", notes) or {}
+        for cpu in cpus:
+            key = str(cpu["id"])
+            readings["cpu"][key] = (power.get(key) or {}, energy.get(key) or {})
+    return gpus, cpus, readings, notes
+
+
+def scaled(value, divisor, width):
+    return ("%*.1f" % (width, value / divisor)) if isinstance(value, (int, float)) \
+        else "%*s" % (width, "-")
+
+
+def status_table(client, gpus, cpus, readings, notes):
+    lines = ["%s at %s  %s" % (client.server, client.where, time.strftime("%Y-%m-%d %H:%M:%S"))]
+    if gpus:
+        lines.append("%-4s %-28s %9s %13s %9s" % ("GPU", "NAME", "POWER W", "ENERGY J",
+                                                   "LIMIT W"))
+        for gpu in gpus:
+            power, energy, limit = readings["gpu"][str(gpu["id"])]
+            lines.append("%-4s %-28s %s %s %s" % (gpu["id"], gpu.get("name", "?")[:28],
+                                                  scaled(power, 1000.0, 9),
+                                                  scaled(energy, 1000.0, 13),
+                                                  scaled(limit, 1000.0, 9)))
+    if cpus:
+        lines.append("%-4s %-12s %9s %9s %13s %13s" % ("CPU", "ZONE", "POWER W", "DRAM W",
+                                                         "ENERGY J", "DRAM J"))
+        for cpu in cpus:
+            power, energy = readings["cpu"][str(cpu["id"])]
+            lines.append("%-4s %-12s %s %s %s %s" % (
+                cpu["id"], cpu.get("name", "?")[:12], scaled(power.get("cpu_mw"), 1000.0, 9),
+                scaled(power.get("dram_mw"), 1000.0, 9),
+                scaled(energy.get("cpu_energy_uj"), 1e6, 13),
+                scaled(energy.get("dram_energy_uj"), 1e6, 13)))
+    if not gpus and not cpus:
+        lines.append("no GPUs or CPUs served")
+    lines.extend("note: " + note for note in notes)
+    return "\n".join(lines) + "\n"
+
+
+class StreamFollower:
+    """Keeps the latest power of every device from a daemon's stream, either event shape."""
+
+    def __init__(self, client, path, id_key, value_of):
+        self.latest = {}
+        self.id_key = id_key
+        self.value_of = value_of
+        self.response = client.open(path, timeout=None)
+        threading.Thread(target=self.follow, name="status-stream", daemon=True).start()
+
+    def follow(self):
+        try:
+            for line in self.response:
+                if line.startswith(b"data: "):
+                    event = json.loads(line[6:].decode("utf-8"))
+                    if self.id_key in event:
+                        self.latest[str(event[self.id_key])] = self.value_of(event)
+                    else:
+                        self.latest.update(event.get("power_mw", {}))
+        except (OSError, ValueError, http.client.HTTPException):
+            pass
+
+
+def status(args):
+    """Print the node's table once, or redraw it every --watch seconds from the streams."""
+    token = args.token or os.environ.get("ZEUSD_TOKEN")
+    client = DaemonClient(args.socket_path, args.tcp, token)
+    if args.watch is None:
+        sys.stdout.write(status_table(client, *node_status(client)))
+        return 0
+    gpus, cpus, _, _ = node_status(client)
+    gpu_stream = cpu_stream = None
+    if gpus:
+        gpu_stream = StreamFollower(client, "/gpu/stream_power", "gpu_id",
+                                    lambda event: event["power_mw"])
+    if cpus:
+        cpu_stream = StreamFollower(client, "/cpu/stream_power", "cpu_id", lambda event: {
+            "cpu_mw": event["cpu_mw"], "dram_mw": event.get("dram_mw")})
+    clear = CLEAR_SCREEN if sys.stdout.isatty() else "\n"
+    try:
+        while True:
+            view = node_status(client, gpu_stream and dict(gpu_stream.latest),
+                               cpu_stream and dict(cpu_stream.latest))
+            sys.stdout.write(clear + status_table(client, *view))
+            sys.stdout.flush()
+            time.sleep(args.watch)
+    except KeyboardInterrupt:
+        return 0
+
+
 # ---- Command line: the argument parser and its flag types ----
 
 GROUP_HELP = (
@@ -2943,7 +3132,21 @@ def build_parser():
     issue.add_argument("--expires", required=True, type=duration_arg,
                        help='Token lifetime. Human-readable duration (e.g., "1h", "7d", "30d"). '
                             'Use "never"\nfor tokens that do not expire')
-    parser.subcommands = {"serve": serve, "token": issue}
+    status_parser = commands.add_parser(
+        "status", help="Show a running daemon's devices and their power",
+        description="Show a running daemon's devices: power, energy and power limits of the "
+                    "GPUs, power and energy of the CPU packages and DRAM",
+        formatter_class=fmt)
+    where = status_parser.add_mutually_exclusive_group()
+    where.add_argument("--socket-path", default="/var/run/zeusd.sock",
+                       help="The daemon's Unix socket [default: /var/run/zeusd.sock]")
+    where.add_argument("--tcp", type=tcp_address_arg, metavar="HOST:PORT",
+                       help="The daemon's TCP address instead, e.g. node1:4938")
+    status_parser.add_argument("--token", help="Bearer token [default: $ZEUSD_TOKEN]")
+    status_parser.add_argument("--watch", type=float, nargs="?", const=1.0, metavar="SECONDS",
+                               help="Redraw every SECONDS (default 1) from the daemon's streams, "
+                                    "until Ctrl-C")
+    parser.subcommands = {"serve": serve, "token": issue, "status": status_parser}
     return parser
 
 
@@ -3063,6 +3266,12 @@ def main(argv=None):
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         parser.subcommands[args.command].error("unrecognized arguments: " + " ".join(unknown))
+    if args.command == "status":
+        try:
+            return status(args)
+        except StatusError as err:
+            sys.stderr.write("zeusd status: %s\n" % err)
+            return 1
     is_serve = args.command == "serve"
     prog, flag = ("zeusd serve", "--enable") if is_serve else ("zeusd token issue", "--scope")
     try:
