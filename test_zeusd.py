@@ -8,6 +8,7 @@ durations, wraparound, query parsing) are also tested in-process.
 
 import base64
 import collections
+import contextlib
 import hashlib
 import hmac
 import json
@@ -720,21 +721,34 @@ def as_nobody():
     os.setuid(65534)
 
 
-@pytest.mark.skipif(not IS_ROOT, reason="needs root to run the daemon as an unprivileged user")
-def test_root_groups_refused_without_root():
+@contextlib.contextmanager
+def unprivileged_checkout():
+    """(python, root, node, script): a simulated node and a copy of zeusd.py in a directory
+    the nobody user can use, with an interpreter it can run; the test skips without one."""
     python = unprivileged_python()
     if python is None:
         pytest.skip("no Python interpreter that an unprivileged user can run")
     root = tempfile.mkdtemp(prefix="zeusd-nobody-")
     try:
-        os.chmod(root, 0o777)
         node = FakeNode(os.path.join(root, "node"))
-        for directory, _, files in os.walk(root):
-            os.chmod(directory, 0o777)
-            for name in files:
-                os.chmod(os.path.join(directory, name), 0o666)
-        shutil.copy(ZEUSD, os.path.join(root, "zeusd.py"))
         script = os.path.join(root, "zeusd.py")
+        shutil.copy(ZEUSD, script)
+        yield python, root, node, script
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def open_to_everyone(root):
+    for directory, _, files in os.walk(root):
+        os.chmod(directory, 0o777)
+        for name in files:
+            os.chmod(os.path.join(directory, name), 0o777)
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="needs root to run the daemon as an unprivileged user")
+def test_root_groups_refused_without_root():
+    with unprivileged_checkout() as (python, root, node, script):
+        open_to_everyone(root)
         for enable, group in (("gpu-read,cpu-read", "cpu-read"), ("gpu-control", "gpu-control")):
             result = subprocess.run(
                 [python, script, "serve", "--socket-path", os.path.join(root, "z.sock"),
@@ -752,8 +766,6 @@ def test_root_groups_refused_without_root():
             assert daemon.get_json("/discover")["gpu_ids"] == [0, 1, 2]
         finally:
             daemon.stop()
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_stale_socket_is_replaced(node, start):
@@ -1202,7 +1214,8 @@ READER_CASES = [
     (b"\r\n\r\nGET /time HTTP/1.1\r\n\r\n", [("GET", "/time", "")]),
     (b"POST /x HTTP/1.1\r\nContent-Length: 3\r\n\r\nabcGET /y HTTP/1.1\r\n\r\n",
      [("POST", "/x", ""), ("GET", "/y", "")]),
-    (b"POST /x HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc", [("POST", "/x", "")]),
+    (b"POST /x HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc",
+     [("POST", "/x", "")]),
     (CHUNKED + b"5\r\nhello\r\n3;ext=1\r\nabc\r\n0\r\nTrailer: x\r\n\r\nGET /y HTTP/1.1\r\n\r\n",
      [("POST", "/time", ""), ("GET", "/y", "")]),
     (b"GET /time HTTP/1.1\r\nX-Tab:\tvalue\t\r\n\r\n", [("GET", "/time", "")]),
@@ -1843,7 +1856,7 @@ def test_a_hung_gpu_does_not_stall_the_others(node, start):
     daemon = start("--gpu-power-poll-hz", "100", "--stream-format", "per-device")
     stream = daemon.stream("/gpu/stream_power?gpu_ids=0,2")
     assert {stream.next_event()["gpu_id"] for _ in range(2)} == {0, 2}
-    node.update(delay={"nvmlDeviceGetFieldValues": {"2": 3.0}})
+    node.update(delay={"nvmlDeviceGetFieldValues": {"2": 2.0}})
     wait_for(lambda: "GPU 2 did not answer within 10 ms" in daemon.log(), "the hang to be seen")
     started = time.monotonic()
     assert daemon.get_json("/gpu/get_power?gpu_ids=0")["power_mw"]["0"] > 0
@@ -2113,27 +2126,16 @@ def test_override_file_must_be_trusted(node, start, overrides):
 
 @pytest.mark.skipif(not IS_ROOT, reason="needs root to run the daemon as an unprivileged user")
 def test_overrides_let_gpu_control_run_without_root():
-    python = unprivileged_python()
-    if python is None:
-        pytest.skip("no Python interpreter that an unprivileged user can run")
-    root = tempfile.mkdtemp(prefix="zeusd-nobody-")
-    try:
-        os.chmod(root, 0o777)
-        node = FakeNode(os.path.join(root, "node"))
+    with unprivileged_checkout() as (python, root, node, script):
         record = os.path.join(root, "record.txt")
-        script = write_script(root, "ok.sh", 'echo "$(id -u) $*" >> %s\n' % record)
+        command = write_script(root, "ok.sh", 'echo "$(id -u) $*" >> %s\n' % record)
         path = os.path.join(root, "overrides.toml")
         with open(path, "w") as override_file:
-            override_file.write('[set_power_limit]\ncommands = ["%s {power_limit_w}"]\n' % script)
-        for directory, _, files in os.walk(root):
-            os.chmod(directory, 0o777)
-            for name in files:
-                os.chmod(os.path.join(directory, name), 0o755)
+            override_file.write('[set_power_limit]\ncommands = ["%s {power_limit_w}"]\n' % command)
+        open_to_everyone(root)
         os.chmod(path, 0o644)
-        shutil.copy(ZEUSD, os.path.join(root, "zeusd.py"))
         daemon = Daemon(node, "--enable", "gpu-control,gpu-read", "--gpu-command-overrides", path,
-                        python=python, script=os.path.join(root, "zeusd.py"),
-                        preexec_fn=as_nobody)
+                        python=python, script=script, preexec_fn=as_nobody)
         try:
             assert daemon.post("/gpu/set_power_limit?gpu_ids=1&power_limit_mw=300000&block=true"
                                ).status == 200
@@ -2141,8 +2143,6 @@ def test_overrides_let_gpu_control_run_without_root():
                 assert record_file.read() == "65534 300\n"
         finally:
             daemon.stop()
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
 
 
 # ---- §10 Metrics ----
@@ -2419,12 +2419,17 @@ def test_parse_ids_and_values():
     assert zeusd.parse_bool("b", "True") is True
 
 
-def test_rapl_counter_glitch_is_refused_not_a_wrap(tmp_path):
+def rapl_zone(tmp_path, start_uj, range_uj=1000):
+    """A zone directory with a counter at start_uj, and its RaplCounter."""
     zone = tmp_path / "zone"
     zone.mkdir()
-    (zone / "max_energy_range_uj").write_text("1000\n")
-    (zone / "energy_uj").write_text("900\n")
-    counter = zeusd.RaplCounter(str(zone))
+    (zone / "max_energy_range_uj").write_text("%d\n" % range_uj)
+    (zone / "energy_uj").write_text("%d\n" % start_uj)
+    return zone, zeusd.RaplCounter(str(zone))
+
+
+def test_rapl_counter_glitch_is_refused_not_a_wrap(tmp_path):
+    zone, counter = rapl_zone(tmp_path, 900)
     for raw, expected in ((899, ValueError), (901, 901), (600, ValueError), (5, 1005)):
         (zone / "energy_uj").write_text("%d\n" % raw)
         if expected is ValueError:
@@ -2435,11 +2440,7 @@ def test_rapl_counter_glitch_is_refused_not_a_wrap(tmp_path):
 
 
 def test_rapl_counter_follows_a_replaced_file(tmp_path):
-    zone = tmp_path / "zone"
-    zone.mkdir()
-    (zone / "max_energy_range_uj").write_text("1000\n")
-    (zone / "energy_uj").write_text("700\n")
-    counter = zeusd.RaplCounter(str(zone))
+    zone, counter = rapl_zone(tmp_path, 700)
     assert counter.read() == 700
     (zone / "new").write_text("3\n")
     os.replace(str(zone / "new"), str(zone / "energy_uj"))
@@ -2449,11 +2450,7 @@ def test_rapl_counter_follows_a_replaced_file(tmp_path):
 
 
 def test_rapl_counter_wraparound(tmp_path):
-    zone = tmp_path / "zone"
-    zone.mkdir()
-    (zone / "max_energy_range_uj").write_text("1000\n")
-    (zone / "energy_uj").write_text("900\n")
-    counter = zeusd.RaplCounter(str(zone))
+    zone, counter = rapl_zone(tmp_path, 900)
     readings = []
     for raw in (950, 10, 20, 999, 5, 5):
         (zone / "energy_uj").write_text("%d\n" % raw)

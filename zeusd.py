@@ -8,22 +8,27 @@ scopes. Standard library only, plus pynvml (nvidia-ml-py); Python 3.6 or newer.
 
     python zeusd.py serve --help
     python zeusd.py token issue --help
+    python zeusd.py status --help
 
 The file reads in the order a request meets it:
   configuration    API groups, durations, whole-value patterns
-  logging          LineFormatter: one line per event, client text escaped
+  logging          LineFormatter, log_fast (request lines), TimedLibrary (NVML at debug)
   errors           StartupError, DeviceError (what failed, not how HTTP says it), HttpError
-  auth             verify_token, Authenticator: HS256 tokens, scopes, key reload on SIGHUP
+  auth             verify_token, Authenticator: HS256 tokens, scopes, gpus, key reload
   GPUs             GpuBackend (the interface), NvmlBackend
+  TOML subset      TomlReader: the override file's syntax, read as tomllib reads it
+  GPU overrides    load_overrides, CommandOverride, OverriddenBackend
   CPUs             RaplCounter, RaplPackage, RaplWrapGuard
-  GPU control      ControlJob, GpuControl: one worker per GPU
+  GPU control      ControlJob (with its audit line), GpuControl: one worker per GPU
   sampling         Sample, GpuPowerMeter, CpuPowerMeter, StreamSubscriber, Sampler
   node             Node: the devices, samplers and workers the enabled groups need
   HTTP replies     Reply, and the DeviceError -> status mapping
-  HTTP parameters  parse_query and its value parsers
+  HTTP parameters  parse_query and its value parsers, select_ids
   HTTP API         Api.handle(request): route, group gate, auth, method, parameters, handler
+  HTTP metrics     Metrics: request counts and the Prometheus scrape
   HTTP wire        RequestReader (framing and limits), HttpConnection (serve, reply, stream)
   servers          ConnectionCap with its Rejecter, TcpServer, UnixServer, bind_unix_socket
+  status           `zeusd status`: DaemonClient, the table, StreamFollower
   command line     build_parser and its flag types
   main             serve (startup order, signals), issue, main
 """
@@ -600,7 +605,7 @@ def open_gpu_backend():
         raise StartupError("cannot initialise NVML: %s: %s" % (type(err).__name__, err))
 
 
-# ---- Configuration files: the TOML subset that the GPU command override file is written in ----
+# ---- TOML subset: the syntax of the GPU command override file, read as tomllib reads it ----
 
 TOML_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 TOML_INTEGER = re.compile(r"[+-]?(?:0|[1-9](?:_?[0-9])*)(?![0-9A-Za-z_.:+-])")
