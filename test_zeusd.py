@@ -640,11 +640,24 @@ def test_runs_as_a_module():
     (["--tcp-bind-address", "localhost"], "--tcp-bind-address"),
     (["--tcp-bind-address", "127.0.0.1:70000"], "--tcp-bind-address"),
     (["--max-connections", "0"], "--max-connections"),
+    (["--stream-format", "per-gpu"], "--stream-format"),
+    (["--bad-flag"], "--bad-flag"),
 ])
 def test_bad_flag_values_are_one_line_usage_errors(args, flag):
     status, out, err = run_cli("serve", *args)
     assert status == 2 and out == ""
     assert len(err.strip().splitlines()) == 1 and flag in err
+    assert "(see 'zeusd serve --help')" in err
+
+
+def test_help_texts_say_what_the_flags_do():
+    _, out, _ = run_cli("serve", "--help")
+    assert "[default: gpu-control,gpu-read,cpu-read]" in out and "ZEUSD_LOG" in out
+    assert "no effect" in out and "logical CPUs" not in out
+    _, out, _ = run_cli("token", "issue", "--help")
+    assert "--gpus" in out and "'all'" in out
+    status, _, err = run_cli("status", "--bad")
+    assert status == 2 and "(see 'zeusd status --help')" in err
 
 
 def test_enable_accepts_commas_and_repeats_and_drops_duplicates(start):
