@@ -2167,11 +2167,11 @@ MAX_BODY = 65536
 MAX_CHUNK_LINE = 1024
 LINGER_S = 2.0
 MAX_LINGER_BYTES = 1 << 20
-METHOD = re.compile(rb"[A-Z]{1,20}")
-TARGET = re.compile(rb"[\x21-\x7e\x80-\xff]+")  # no spaces or control characters
-VERSION = re.compile(rb"HTTP/[0-9]\.[0-9]")
-FIELD_NAME = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token
-FIELD_VALUE_FORBIDDEN = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # CR, LF, NUL, other controls
+# method, target (no spaces or control characters), version
+REQUEST_LINE = re.compile(rb"([A-Z]{1,20}) ([\x21-\x7e\x80-\xff]+) (HTTP/[0-9]\.[0-9])")
+# an RFC 9110 token as the name; the value free of CR, LF, NUL and other control characters but
+# the tab (parse_head trims spaces and tabs, and nothing else, around it)
+HEADER_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):([^\x00-\x08\x0a-\x1f\x7f]*)")
 CONTENT_LENGTH = re.compile(r"[0-9]{1,18}")
 CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,8}")
 REASONS = {100: "Continue", 200: "OK", 400: "Bad Request", 401: "Unauthorized",
@@ -2211,38 +2211,34 @@ TOO_MANY_CONNECTIONS = reply_bytes(Reply(503, error_body("Too many connections")
 
 def parse_head(head, peer="-"):
     """A Request from a head (request line and header lines, without the empty line)."""
-    lines = head.split(b"\n")
-    for index, line in enumerate(lines):
-        if line.endswith(b"\r"):
-            lines[index] = line = line[:-1]
-        if b"\r" in line:
-            raise HttpError(400, "Malformed request: a bare CR inside a line.")
-    parts = lines[0].split(b" ")
-    if len(parts) != 3 or not METHOD.fullmatch(parts[0]) or not TARGET.fullmatch(parts[1]) \
-            or not VERSION.fullmatch(parts[2]):
+    text = (head[:-1] if head.endswith(b"\r") else head).replace(b"\r\n", b"\n")
+    if b"\r" in text:
+        raise HttpError(400, "Malformed request: a bare CR inside a line.")
+    lines = text.split(b"\n")
+    request_line = REQUEST_LINE.fullmatch(lines[0])
+    if not request_line:
         raise HttpError(400, "Malformed request line.")
-    method, target, version = parts
+    method, target, version = request_line.groups()
     if version not in (b"HTTP/1.1", b"HTTP/1.0"):
         raise HttpError(505, "Only HTTP/1.1 and HTTP/1.0 are supported.")
     if len(lines) - 1 > MAX_HEADER_LINES:
         raise HttpError(431, "Too many header lines (limit %d)." % MAX_HEADER_LINES)
     headers = {}
     for line in lines[1:]:
-        name, colon, value = line.partition(b":")
-        if not colon or not FIELD_NAME.fullmatch(name):
-            raise HttpError(400, "Malformed header line (obsolete line folding, or a name with "
-                                 "whitespace or other characters not allowed in a name).")
-        value = value.strip(b" \t")
-        if FIELD_VALUE_FORBIDDEN.search(value):
-            raise HttpError(400, "Malformed header line: control character in a value.")
-        key, text = name.decode("ascii").lower(), value.decode("latin-1")
+        field = HEADER_LINE.fullmatch(line)
+        if not field:
+            raise HttpError(400, "Malformed header line (obsolete line folding, a name with "
+                                 "whitespace or other characters not allowed in a name, or a "
+                                 "control character in a value).")
+        name, value = field.groups()
+        key, value = name.decode("ascii").lower(), value.strip(b" \t").decode("latin-1")
         if key not in headers:
-            headers[key] = text
+            headers[key] = value
         elif key == "content-length":
-            if headers[key] != text:
+            if headers[key] != value:
                 raise HttpError(400, "Conflicting Content-Length headers.")
         else:
-            headers[key] += ", " + text
+            headers[key] += ", " + value
     path, query = split_target(target.decode("latin-1"))
     return Request(method.decode("ascii"), path, query, version, headers, peer)
 
