@@ -458,7 +458,8 @@ class Daemon(object):
         self.node = node
         self.mode = options.get("mode", "uds")
         self.socket_path = os.path.join(node.root, options.get("socket_name", "zeusd.sock"))
-        self.log_path = os.path.join(node.root, "daemon-%d.log" % id(self))
+        self.log_path = options.get("log_path") or os.path.join(node.root,
+                                                                "daemon-%d.log" % id(self))
         skip_unless_root_may_start(args)
         command = [options.get("python", PYTHON), options.get("script", ZEUSD), "serve",
                    "--mode", self.mode, "--rapl-dir", node.rapl]
@@ -602,6 +603,101 @@ def run_cli(*args, **options):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
                             timeout=TIMEOUT, cwd=options.get("cwd"))
     return result.returncode, result.stdout.decode(), result.stderr.decode()
+
+
+def proc_status(pid, field):
+    """A number from /proc/PID/status (Threads, VmHWM, VmRSS in kB)."""
+    with open("/proc/%d/status" % pid) as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+
+
+def open_fds(pid):
+    return len(os.listdir("/proc/%d/fd" % pid))
+
+
+def timed(function, *args):
+    """(result, seconds it took)."""
+    started = time.monotonic()
+    result = function(*args)
+    return result, time.monotonic() - started
+
+
+def in_background(function, *args):
+    """Run function on a thread; a callable that waits for it and returns its result."""
+    box = []
+    thread = threading.Thread(target=lambda: box.append(timed(function, *args)), daemon=True)
+    thread.start()
+
+    def result():
+        thread.join(30)
+        return box[0]
+    return result
+
+
+def ask_and_leave(daemon, path, method="GET"):
+    connection = daemon.connect()
+    connection.send(("%s %s HTTP/1.1\r\nHost: x\r\n\r\n" % (method, path)).encode())
+    return connection
+
+
+# ---- First: a daemon with a hung GPU, whose clients wait while the other tests run ----
+
+@pytest.fixture(scope="module")
+def hung():
+    """A daemon whose GPU 0 never answers an energy read or a power limit change, with one
+    client waiting on each since the start of this file (their bounded waits, 5 s and 10 s,
+    run out while the other tests run: test_a_hung_gpu_answers_within_the_limits, last)."""
+    root = tempfile.mkdtemp(prefix="zeusd-hung-")
+    node = FakeNode(root)
+    daemon = Daemon(node)
+    node.update(delay={"nvmlDeviceGetTotalEnergyConsumption": {"0": 300},
+                       "nvmlDeviceSetPowerManagementLimit": {"0": 300}})
+
+    def patient(method, path):
+        connection = daemon.connect()
+        connection.sock.settimeout(30)
+        return connection.request(method, path)
+    daemon.energy = in_background(patient, "GET", "/gpu/get_cumulative_energy?gpu_ids=0")
+    daemon.setter = in_background(patient, "POST", "/gpu/set_power_limit?gpu_ids=0&"
+                                                   "power_limit_mw=200000&block=true")
+    yield node, daemon
+    daemon.stop()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_hung_gpu_ties_up_one_thread_per_call_however_many_clients_ask(hung):
+    node, daemon = hung
+    pid = daemon.process.pid
+    wait_for(lambda: len(node.calls("nvmlDeviceSetPowerManagementLimit")) == 1, "the setter call")
+    wait_for(lambda: daemon.threads() == IDLE_THREADS + 3, "the waiting clients' threads")
+    fds = open_fds(pid)
+    # Clients that ask and leave: each frees its thread and descriptor at once.
+    leavers = [ask_and_leave(daemon, "/gpu/get_cumulative_energy?gpu_ids=0") for _ in range(100)]
+    leavers += [ask_and_leave(daemon, "/metrics") for _ in range(50)]
+    leavers += [ask_and_leave(daemon, "/gpu/set_power_limit?gpu_ids=0&power_limit_mw=200000&"
+                                      "block=true", "POST") for _ in range(20)]
+    wait_for(lambda: daemon.threads() > IDLE_THREADS + 20, "the leavers' threads")
+    for connection in leavers:
+        connection.close()
+    # Left: the two waiting clients' threads and the one thread of the hung energy read.
+    wait_for(lambda: daemon.threads() == IDLE_THREADS + 3, "the leavers' threads to end")
+    wait_for(lambda: open_fds(pid) == fds, "the leavers' descriptors to close")
+    assert [call for call in node.calls("nvmlDeviceGetTotalEnergyConsumption")
+            if call[1] == "0"] == [("nvmlDeviceGetTotalEnergyConsumption", "0")] * 2  # startup, once
+    # A healthy GPU answers at once meanwhile.
+    response, seconds = timed(daemon.get, "/gpu/get_cumulative_energy?gpu_ids=2")
+    assert response.status == 200 and seconds < 0.5
+    # The hung GPU's queue is bounded (the 20 leavers' commands wait in it); other GPUs are not
+    # affected.
+    accepted = [daemon.post("/gpu/set_power_limit?gpu_ids=0&power_limit_mw=200000&block=false")
+                .status for _ in range(45)]
+    assert accepted == [200] * 44 + [503]
+    busy = daemon.post("/gpu/set_power_limit?gpu_ids=0,1&power_limit_mw=200000&block=false")
+    assert error_of(busy, 503) == "GPU 0 is busy: 64 commands are waiting"
+    assert daemon.post("/gpu/set_power_limit?gpu_ids=1&power_limit_mw=200000&"
+                       "block=true").status == 200
 
 
 # ---- §1 Command line ----
@@ -1103,14 +1199,18 @@ def test_control_characters_in_the_target_are_400(daemon):
     error_of(raw_exchange(daemon, b"GET /time\r HTTP/1.1\r\n\r\n"), 400)
 
 
-def test_fuzzed_requests_never_take_the_daemon_down(start):
-    """Seeded random mutations of valid requests, alone, pipelined or cut off by a reset: each
-    is answered (never with a 5xx but 505 for a mangled version) or closed, never more."""
+def test_fuzzed_requests_never_take_the_daemon_down(node, start):
+    """Seeded random mutations of valid requests, alone, pipelined or cut off by a reset, with
+    one GPU hung: each is answered (never with a 5xx but 505 for a mangled version, or 503
+    naming the hung GPU) or closed, never more."""
     import random
     daemon = start(mode="tcp")
     wait_for(lambda: daemon.threads() == IDLE_THREADS, "an idle daemon")
+    node.update(delay={"nvmlDeviceGetTotalEnergyConsumption": {"0": 300}})
+    hung = ask_and_leave(daemon, "/gpu/get_cumulative_energy?gpu_ids=0")
     rng = random.Random(1234)
     seeds = [b"GET /gpu/get_power?gpu_ids=0,1 HTTP/1.1\r\nHost: x\r\n\r\n",
+             b"GET /gpu/get_cumulative_energy?gpu_ids=0,2 HTTP/1.1\r\nHost: x\r\n\r\n",
              b"POST /gpu/set_power_limit?gpu_ids=0&power_limit_mw=200000&block=true HTTP/1.1\r\n"
              b"Content-Length: 3\r\n\r\nabc",
              b"GET /cpu/get_cumulative_energy?cpu=true&dram=false HTTP/1.0\r\n\r\n",
@@ -1143,14 +1243,17 @@ def test_fuzzed_requests_never_take_the_daemon_down(start):
         try:
             while True:
                 response = connection.response()
-                assert response.status < 500 or response.status == 505, (data, response)
+                assert response.status < 500 or response.status == 505 or (
+                    response.status == 503 and b"GPU 0 did not answer" in response.body), \
+                    (data, response)
                 if response.status >= 400 and response.body:
                     response_json(response)
         except (EOFError, ConnectionResetError):
             pass
         connection.close()
     assert daemon.get("/time").status == 200
-    wait_for(lambda: daemon.threads() == IDLE_THREADS, "connection threads to end")
+    hung.close()
+    wait_for(lambda: daemon.threads() == IDLE_THREADS + 1, "connection threads to end")
     assert "Traceback" not in daemon.log()
 
 
@@ -1334,7 +1437,8 @@ def close_all(daemon, connections):
 
 def test_connection_cap_holds_at_1024_and_counts_nothing_twice(start):
     raise_own_file_limit(4096)
-    daemon = start("--enable", "gpu-read", env={"ZEUSD_LOG": "warning"})
+    daemon = start("--enable", "gpu-read", "--max-connections-per-client", "1024",
+                   env={"ZEUSD_LOG": "warning"})
     for _ in range(2):
         served, refused = flood(daemon, 1100)
         assert (len(served), len(refused)) == (1024, 76)
@@ -1345,11 +1449,12 @@ def test_connection_cap_holds_at_1024_and_counts_nothing_twice(start):
 def test_connection_cap_above_1024_and_small(start):
     raise_own_file_limit(4096)
     daemon = start("--enable", "gpu-read", "--max-connections", "1500",
-                   env={"ZEUSD_LOG": "warning"})
+                   "--max-connections-per-client", "1500", env={"ZEUSD_LOG": "warning"})
     served, refused = flood(daemon, 1510)
     assert (len(served), len(refused)) == (1500, 10)
     close_all(daemon, served + refused)
-    small = start("--enable", "gpu-read", "--max-connections", "3", mode="tcp")
+    small = start("--enable", "gpu-read", "--max-connections", "3",
+                  "--max-connections-per-client", "3", mode="tcp")
     for _ in range(3):
         served, refused = flood(small, 20)
         assert (len(served), len(refused)) == (3, 17)
@@ -1359,7 +1464,7 @@ def test_connection_cap_above_1024_and_small(start):
 def test_silent_connections_beyond_the_cap_do_not_delay_the_next_answer(start):
     raise_own_file_limit(4096)
     daemon = start("--enable", "gpu-read", "--max-connections", "50",
-                   env={"ZEUSD_LOG": "warning"})
+                   "--max-connections-per-client", "50", env={"ZEUSD_LOG": "warning"})
     held = [served_connection(daemon) for _ in range(50)]
     silent = [daemon.connect() for _ in range(1000)]
     started = time.monotonic()
@@ -1448,7 +1553,22 @@ def test_discover(daemon):
             {"id": 2, "name": "NVIDIA H100 80GB HBM3", "pci_address": "0000:c1:00.0",
              "cumulative_energy_available": True}],
         "cpus": [{"id": 0, "name": "package-0", "dram_available": True},
-                 {"id": 1, "name": "psys", "dram_available": False}]}
+                 {"id": 1, "name": "psys", "dram_available": False}],
+        "version": zeusd.__version__, "stream_format": "per-device"}
+    assert "streams: per-device (for Zeus 0.16 and newer" in daemon.log()
+
+
+def test_health(node, start):
+    daemon = start("--enable", "gpu-read", "--gpu-power-poll-hz", "100")
+    assert daemon.get_json("/health") == {"status": "ok"}
+    node.update(fail={"nvmlDeviceGetFieldValues": {"2": 15}})
+    wait_for(lambda: daemon.get("/gpu/get_power").status == 500, "GPU 2 to fail")
+    assert error_of(daemon.get("/health"), 503) == (
+        "nvmlDeviceGetFieldValues failed on GPU 2: GPU is lost (NVML error 15)")
+    assert series(scrape(daemon), "zeusd_device_read_errors_total", kind="gpu", device=2) >= 1
+    node.update(fail={})
+    wait_for(lambda: daemon.get("/gpu/get_power").status == 200, "GPU 1 to read again")
+    assert daemon.get_json("/health") == {"status": "ok"}
 
 
 def test_time(daemon):
@@ -1522,9 +1642,23 @@ def test_control_errors_list_failed_gpus_with_most_severe_status(node, start, co
 
 def test_nvml_invalid_argument_is_400(start):
     daemon = start()
-    response = daemon.post("/gpu/set_power_limit?gpu_ids=1&power_limit_mw=5&block=true")
+    response = daemon.post("/gpu/set_gpu_locked_clocks?gpu_ids=1&min_clock_mhz=2000&"
+                           "max_clock_mhz=1000&block=true")
     assert response.status == 400
     assert "Invalid Argument" in response_json(response)["errors"]["1"]
+
+
+def test_power_limit_outside_the_range_is_400_naming_it_and_runs_nothing(node, start):
+    daemon = start()
+    response = daemon.post("/gpu/set_power_limit?gpu_ids=0,1&power_limit_mw=4294967295&block=true")
+    assert errors_of(response, 400) == {
+        "0": "power_limit_mw=4294967295 is outside GPU 0's power limit range, 100000 to "
+             "700000 mW",
+        "1": "power_limit_mw=4294967295 is outside GPU 1's power limit range, 100000 to "
+             "700000 mW"}
+    response = daemon.post("/gpu/set_power_limit?gpu_ids=0,2&power_limit_mw=50000&block=false")
+    assert set(errors_of(response, 400)) == {"0", "2"}
+    assert node.calls(*POWER_SETTERS) == []
 
 
 def test_nonblocking_control_answers_at_once_and_logs_failures(node, start):
@@ -1666,7 +1800,7 @@ class RaplTicker(object):
 
 
 def test_cpu_power_from_measured_energy_deltas(node, start):
-    daemon = start("--cpu-power-poll-hz", "10")
+    daemon = start("--stream-format", "all-devices", "--cpu-power-poll-hz", "10")
     watts = {"intel-rapl:0": (1000000, 85.0), "intel-rapl:0/intel-rapl:0:0": (5000, 12.0),
              "intel-rapl:1": (7, 40.0)}
     with RaplTicker(node, watts):
@@ -1760,15 +1894,16 @@ def test_stream_framing_and_first_event(daemon):
     assert stream.status == 200
     assert stream.headers["content-type"] == "text/event-stream"
     assert stream.headers["cache-control"] == "no-cache"
-    event = stream.next_event(timeout=1.0)
+    events = [stream.next_event(timeout=1.0) for _ in range(2)]
     assert time.monotonic() - started < 1.0
-    assert event["power_mw"] == {"0": 76000, "2": 99000}
-    assert abs(event["timestamp_ms"] - time.time() * 1000) < 2000
+    assert sorted((event["gpu_id"], event["power_mw"]) for event in events) == [
+        (0, 76000), (2, 99000)]
+    assert abs(events[0]["timestamp_ms"] - time.time() * 1000) < 2000
     stream.close()
 
 
 def test_events_only_when_a_selected_value_changes(node, start):
-    daemon = start("--gpu-power-poll-hz", "50")
+    daemon = start("--stream-format", "all-devices", "--gpu-power-poll-hz", "50")
     first, second = daemon.stream("/gpu/stream_power?gpu_ids=0"), \
         daemon.stream("/gpu/stream_power?gpu_ids=1")
     assert first.next_event()["power_mw"] == {"0": 76000}
@@ -1805,7 +1940,7 @@ def test_no_device_calls_while_idle_and_sampling_stops(node, start):
 
 
 def test_one_hardware_read_per_tick_whatever_the_subscribers(node, start):
-    daemon = start("--gpu-power-poll-hz", "20")
+    daemon = start("--stream-format", "all-devices", "--gpu-power-poll-hz", "20")
     streams = [daemon.stream("/gpu/stream_power") for _ in range(10)]
     for stream in streams:
         assert stream.next_event() is not None
@@ -1834,7 +1969,7 @@ def test_disconnected_streams_leave_no_thread_behind(start):
 
 
 def test_stream_survives_device_failures_and_logs_once(node, start):
-    daemon = start("--gpu-power-poll-hz", "100")
+    daemon = start("--stream-format", "all-devices", "--gpu-power-poll-hz", "100")
     stream = daemon.stream("/gpu/stream_power")
     assert stream.next_event()["power_mw"]["0"] == 76000
     node.update(fail={"nvmlDeviceGetFieldValues": {"0": 15}})
@@ -1870,12 +2005,12 @@ def test_a_hung_gpu_does_not_stall_the_others(node, start):
     stream = daemon.stream("/gpu/stream_power?gpu_ids=0,2")
     assert {stream.next_event()["gpu_id"] for _ in range(2)} == {0, 2}
     node.update(delay={"nvmlDeviceGetFieldValues": {"2": 2.0}})
-    wait_for(lambda: "GPU 2 did not answer within 10 ms" in daemon.log(), "the hang to be seen")
+    wait_for(lambda: "GPU 2 did not answer within 250 ms" in daemon.log(), "the hang to be seen")
     started = time.monotonic()
     assert daemon.get_json("/gpu/get_power?gpu_ids=0")["power_mw"]["0"] > 0
     assert time.monotonic() - started < 0.1
     errors = errors_of(daemon.get("/gpu/get_power"), 503)
-    assert list(errors) == ["2"] and "did not answer within 10 ms" in errors["2"]
+    assert list(errors) == ["2"] and "did not answer within 250 ms" in errors["2"]
     counts = count_events(stream, 1.0)
     assert counts[0] >= 90 and counts[2] == 0, counts
     node.update(delay={})
@@ -1912,7 +2047,7 @@ def test_per_device_stream_format(node, start):
 
 
 def test_sampler_survives_unexpected_errors(node, start):
-    daemon = start("--gpu-power-poll-hz", "100")
+    daemon = start("--stream-format", "all-devices", "--gpu-power-poll-hz", "100")
     stream = daemon.stream("/gpu/stream_power?gpu_ids=2")
     assert stream.next_event()["power_mw"] == {"2": 99000}
     node.update(crash=["nvmlDeviceGetFieldValues"])
@@ -1929,7 +2064,7 @@ def test_sampler_survives_unexpected_errors(node, start):
 
 
 def test_cpu_stream_events(node, start):
-    daemon = start("--cpu-power-poll-hz", "4")
+    daemon = start("--stream-format", "all-devices", "--cpu-power-poll-hz", "4")
     with RaplTicker(node, {"intel-rapl:0": (1000000, 50.0)}):
         started = time.monotonic()
         stream = daemon.stream("/cpu/stream_power")
@@ -2116,6 +2251,8 @@ def test_override_failures_are_500_per_gpu(node, start, overrides, commands, rea
     ('[reset_gpu_locked_clocks]\ncommands = ["x {power_limit_w}"]\n', "uses {power_limit_w}"),
     ('[set_power_limit]\ncommands = ["x \'open"]\n', "cannot be split"),
     ('[set_power_limit]\ncommands = ["x"\n', "line 3"),
+    ('[set_power_limit]\ncommands = ["x"]\nerror_pattern = ' + "[" * 600 + "]" * 600 + "\n",
+     "line 3: arrays nested deeper than 32 levels"),
 ])
 def test_bad_override_files_exit_1_naming_the_problem(start, overrides, text, fragment):
     daemon = start("--gpu-command-overrides", overrides(text), wait=False)
@@ -2185,6 +2322,7 @@ def test_metrics_families_and_values(node, start):
     daemon = start()
     daemon.post("/gpu/set_power_limit?gpu_ids=0&power_limit_mw=200000&block=true")
     daemon.post("/gpu/set_power_limit?gpu_ids=1&power_limit_mw=900000&block=true")
+    daemon.post("/gpu/set_gpu_locked_clocks?gpu_ids=1&min_clock_mhz=2&max_clock_mhz=1&block=true")
     samples = scrape(daemon)
     assert series(samples, "zeusd_gpu_info", gpu=2, name="NVIDIA H100 80GB HBM3",
                   pci_address="0000:c1:00.0", uuid="GPU-00000002-0000-0000-0000-000000000000") == 1
@@ -2208,7 +2346,9 @@ def test_metrics_families_and_values(node, start):
     assert series(samples, "zeusd_gpu_control_operations_total", operation="set_power_limit",
                   result="ok") == 1
     assert series(samples, "zeusd_gpu_control_operations_total", operation="set_power_limit",
-                  result="error") == 1
+                  result="error") is None
+    assert series(samples, "zeusd_gpu_control_operations_total",
+                  operation="set_gpu_locked_clocks", result="error") == 1
     assert series(samples, "zeusd_stream_subscribers", kind="gpu") == 0
     assert 0 < series(samples, "process_resident_memory_bytes") < 1e9
     assert abs(series(samples, "process_start_time_seconds") - time.time()) < 60
@@ -2257,6 +2397,10 @@ def test_metrics_follow_token_scopes_and_gpus(key_path, start):
     assert sorted(dict(labels)["gpu"] for name, labels in limited
                   if name == "zeusd_gpu_power_watts") == ["1"]
     assert not any(name == "zeusd_cpu_info" for name, _ in limited)
+    node_wide = ("zeusd_http_requests_total", "zeusd_gpu_control_operations_total",
+                 "zeusd_stream_subscribers")
+    assert not any(name in node_wide for name, _ in limited)
+    assert any(name == "zeusd_http_requests_total" for name, _ in scrape(daemon, token(["cpu-read"])))
     disabled = start("--enable", "gpu-control", socket_name="control-only.sock")
     assert "Neither API group" in error_of(disabled.get("/metrics"), 404)
 
@@ -2349,26 +2493,157 @@ def test_status_over_tcp_with_a_token(key_path, start):
     address = "%s:%d" % daemon.address
     status, out, _ = status_cli("--tcp", address, env={"ZEUSD_TOKEN": token(["gpu-read"])})
     assert status == 0 and "NVIDIA A40" in out and "note:" not in out
-    status, out, _ = status_cli("--tcp", address, env={"ZEUSD_TOKEN": ""})
-    assert status == 0 and "note: http://%s answered 401 to GET /gpu/get_power" % address in out
+    status, out, err = status_cli("--tcp", address, env={"ZEUSD_TOKEN": ""})
+    assert (status, out) == (1, "") and err == (
+        "zeusd status: the daemon at http://%s requires a token: set ZEUSD_TOKEN (or pass "
+        "--token)\n" % address)
+    status, out, _ = status_cli("--tcp", address, env={"ZEUSD_TOKEN": gpu_token([0, 1])})
+    rows = [line.split() for line in out.splitlines()[2:]]
+    assert status == 0 and "note:" not in out, out
+    assert [row[0] for row in rows] == ["0", "1"] and rows[0][-2] == "123.5"
 
 
-def test_status_without_a_daemon_is_one_line_and_exit_1(node):
-    status, out, err = status_cli("--socket-path", os.path.join(node.root, "none.sock"))
-    assert (status, out) == (1, "") and err.count("\n") == 1
-    assert err.startswith("zeusd status: cannot reach the daemon at unix:")
+def test_status_finds_the_socket_through_zeusd_sock_path(start):
+    daemon = start("--enable", "gpu-read")
+    status, out, err = status_cli(env={"ZEUSD_SOCK_PATH": daemon.socket_path})
+    assert status == 0 and "at unix:%s" % daemon.socket_path in out
+    status, out, err = status_cli("--tcp", "[::1]:9", env={"ZEUSD_SOCK_PATH": "/nonexistent"})
+    assert status == 1 and err.startswith("zeusd status: cannot reach the daemon at "
+                                          "http://[::1]:9: ")
 
 
-def test_status_watch_redraws_from_the_streams(node, start):
-    daemon = start("--stream-format", "per-device", "--enable", "gpu-read")
+@pytest.mark.skipif(not IS_ROOT, reason="needs root to run zeusd status as another user")
+def test_status_names_the_mode_and_group_of_a_socket_it_may_not_open(start):
+    python = unprivileged_python()
+    if python is None:
+        pytest.skip("no Python interpreter that an unprivileged user can run")
+    with unprivileged_checkout() as (python, root, node, script):
+        open_to_everyone(root)
+        daemon = Daemon(node, "--enable", "gpu-read", "--socket-permissions", "660",
+                        "--socket-gid", "0")
+        try:
+            result = subprocess.run([python, script, "status", "--socket-path",
+                                     daemon.socket_path], stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, preexec_fn=as_nobody, timeout=TIMEOUT)
+        finally:
+            daemon.stop()
+    assert result.returncode == 1 and result.stderr.decode() == (
+        "zeusd status: permission denied on unix:%s (mode 0660, group 'root'): ask to be added "
+        "to group 'root', or have the daemon started with --socket-permissions 666\n"
+        % daemon.socket_path)
+
+
+class HostileServer(object):
+    """A TCP server that answers every request with what answer(path) returns, as raw bytes."""
+
+    def __init__(self, answer):
+        self.answer = answer
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.address = "127.0.0.1:%d" % self.listener.getsockname()[1]
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self):
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self.reply, args=(sock,), daemon=True).start()
+
+    def reply(self, sock):
+        try:
+            request = b""
+            while b"\r\n\r\n" not in request:
+                request += sock.recv(4096)
+            for piece in self.answer(request.split()[1].decode()):
+                if isinstance(piece, float):
+                    time.sleep(piece)
+                else:
+                    sock.sendall(piece)
+        except OSError:
+            pass
+        finally:
+            sock.close()
+
+    def close(self):
+        self.listener.close()
+
+
+def http_answer(body, status=200, server="evil"):
+    data = json.dumps(body).encode()
+    return [b"HTTP/1.1 %d X\r\nServer: %s\r\nContent-Length: %d\r\n\r\n%s" % (
+        status, server.encode("utf-8"), len(data), data)]
+
+
+def test_status_lets_no_server_text_reach_the_terminal_as_control_sequences():
+    escapes = "\x1b]52;c;ZXZpbA==\x07\x1b]0;title\x07\x1b[2J\x9b2J\u202e"
+
+    def answer(path):
+        if path == "/discover":
+            return http_answer({"gpus": [{"id": 0, "name": "H100" + escapes,
+                                          "cumulative_energy_available": True}],
+                                "cpus": [], "auth_required": False}, server="x" + escapes)
+        if path.startswith("/gpu/get_power?"):
+            return http_answer({"error": "bad" + escapes}, status=500)
+        return http_answer({"0": {"energy_mj": 5, "power_limit_mw": 7}})
+    server = HostileServer(answer)
+    try:
+        status, out, err = status_cli("--tcp", server.address)
+    finally:
+        server.close()
+    assert status == 0 and "H100?" in out and "note: " in out and "bad?" in out
+    assert all(char.isprintable() or char == "\n" for char in out + err), repr(out + err)
+
+
+@pytest.mark.parametrize("answer, fragment", [
+    (lambda path: [b"HTTP/1.1 200 OK\r\nContent-Length: 2000000000\r\n\r\n{"],
+     "sent a body of 2000000000 bytes; at most 1048576 are read"),
+    (lambda path: [b"HTTP/1.1 200 OK\r\n"] + [0.4, b"X-Slow: 1\r\n"] * 20,
+     "did not answer in time"),
+    (lambda path: [b"HTTP/1.1 200 OK\r\nX: " + b"a" * 70000], "longer than 65536 bytes"),
+    (lambda path: http_answer([[[]]] * 2), "something other than a JSON object"),
+])
+def test_status_bounds_what_a_server_may_send_and_how_long_it_may_take(answer, fragment):
+    server = HostileServer(answer)
+    try:
+        (status, out, err), seconds = timed(status_cli, "--tcp", server.address, "--timeout",
+                                            "1")
+    finally:
+        server.close()
+    assert status == 1 and fragment in err and err.count("\n") == 1 and seconds < 3
+
+
+def test_status_watch_redraws_reconnects_and_marks_what_stopped(node, start):
+    node.set_gpu(0, jitter=True)
+    daemon = start("--enable", "gpu-read")
     watcher = subprocess.Popen([PYTHON, ZEUSD, "status", "--socket-path", daemon.socket_path,
                                 "--watch", "0.1"], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE)
+                               stderr=subprocess.DEVNULL)
+    lines = []
+    threading.Thread(target=lambda: lines.extend(iter(watcher.stdout.readline, b"")),
+                     daemon=True).start()
+
+    def table_line(fragment, since=0):
+        return wait_for(lambda: any(fragment in line for line in lines[since:]),
+                        "a table line with %r" % fragment)
     try:
-        wait_for(lambda: b"76.0" in watcher.stdout.readline(), "a first table")
-        node.set_gpu(0, instant_mw=42000)
-        wait_for(lambda: b"42.0" in watcher.stdout.readline(), "a table with the new power")
-        assert len(daemon.get_json("/gpu/get_power")["power_mw"]) == 3
+        table_line(b"NVIDIA A40")
+        node.set_gpu(1, power_mw=42000)
+        table_line(b"42.0")
+        node.update(fail={"nvmlDeviceGetPowerUsage": {"1": 15}})
+        seen = len(lines)
+        wait_for(lambda: any(line.split()[:4] == [b"1", b"NVIDIA", b"A40", b"-"]
+                             for line in lines[seen:]), "GPU 1's power marked as missing")
+        node.update(fail={})
+        daemon.stop()
+        seen = len(lines)
+        table_line(b"cannot reach the daemon", seen)
+        restarted = start("--enable", "gpu-read")
+        assert restarted.socket_path == daemon.socket_path
+        seen = len(lines)
+        table_line(b"42.0", seen)
     finally:
         watcher.send_signal(signal.SIGINT)
         assert watcher.wait(TIMEOUT) == 0
@@ -2596,12 +2871,16 @@ def test_nothing_a_client_sends_starts_a_log_line(auth_daemon):
     forged = "alice\n2030-01-01 00:00:00,000 INFO POST /gpu/set_power_limit 200 1.00ms user=root"
     for sub in (forged, forged.replace("\n", "\r"), forged.replace("\n", "\u2028")):
         assert auth_daemon.get("/auth/whoami", token=token([], sub=sub)).status == 200
+    invisible = "alice\u202e\u2066\u200b\ufeff\U000e0041"
+    assert auth_daemon.get("/auth/whoami", token=token([], sub=invisible)).status == 200
     auth_daemon.get("/gpu/get_power?gpu_ids=0%0A2030-01-01", token=token(["gpu-read"]))
     raw_exchange(auth_daemon, b"GET /time HTTP/1.1\r\nX: \x1b[2J\r\n\r\n")
-    wait_for(lambda: auth_daemon.log().count("GET /auth/whoami 200") == 3, "the request lines")
+    wait_for(lambda: auth_daemon.log().count("GET /auth/whoami 200") == 4, "the request lines")
     lines = auth_daemon.log().splitlines()
     assert all(LOG_LINE.match(line) for line in lines), lines
     assert not any("user=root" in line and "user=alice" not in line for line in lines)
+    assert "user=alice\\u202e\\u2066\\u200b\\ufeff\\U000e0041 GET" in auth_daemon.log()
+    assert all(line.isprintable() for line in lines)
 
 
 def test_non_base64_and_non_json_segments_are_refused():
@@ -2825,7 +3104,8 @@ def test_gpus_claim_limits_a_token_to_its_gpus(node, auth_daemon):
     assert node.calls(*POWER_SETTERS) == [("nvmlDeviceSetPowerManagementLimit", "2", "200000")]
     stream = auth_daemon.stream("/gpu/stream_power",
                                 headers={"Authorization": "Bearer " + limited})
-    assert sorted(stream.next_event()["power_mw"]) == ["0", "2"]
+    assert sorted(stream.next_event()["gpu_id"] for _ in range(2)) == [0, 2]
+    assert stream.next_block(timeout=0.2) is None
     stream.close()
     assert auth_daemon.get("/cpu/get_power", token=gpu_token([0], ["cpu-read"])).status == 200
     assert "gpus" not in auth_daemon.get_json("/auth/whoami", token=token(["gpu-read"]))
@@ -2868,7 +3148,227 @@ def test_pyjwt_interoperability(key_path, auth_daemon):
     assert auth_daemon.get("/gpu/get_power", token=other).status == 401
 
 
-# ---- Last: the slow client that the shared daemon has held since it started ----
+# ---- Bounded waits and fair share: hung devices, greedy clients, commands that never end ----
+
+def connect_from(daemon, source):
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.settimeout(TIMEOUT)
+    sock.bind((source, 0))
+    sock.connect(daemon.address)
+    return Connection(sock)
+
+
+def test_one_client_cannot_take_every_connection(start):
+    daemon = start("--enable", "gpu-read", "--max-connections", "8", mode="tcp")
+    streams = [EventStream(connect_from(daemon, "127.0.0.1"), "/gpu/stream_power")
+               for _ in range(2)]
+    assert all(stream.status == 200 for stream in streams)
+    extra = connect_from(daemon, "127.0.0.1").request("GET", "/discover")
+    assert error_of(extra, 503) == "Too many connections from this client"
+    other = connect_from(daemon, "127.0.0.2")
+    assert other.request("GET", "/discover").status == 200
+    for stream in streams:
+        stream.close()
+    wait_for(lambda: connect_from(daemon, "127.0.0.1").request("GET", "/time").status == 200,
+             "the client's connections to be released")
+    assert "--max-connections-per-client" in daemon.log()
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="needs root to connect as another uid")
+def test_one_uid_cannot_take_every_connection_and_root_is_exempt(start):
+    python = unprivileged_python()
+    if python is None:
+        pytest.skip("no Python interpreter that an unprivileged user can run")
+    public = tempfile.mkdtemp(prefix="zeusd-public-")
+    os.chmod(public, 0o755)
+    try:
+        daemon = start("--enable", "gpu-read", "--max-connections", "40",
+                       "--max-connections-per-client", "30",
+                       socket_name=os.path.join(public, "zeusd.sock"))
+        holder = subprocess.Popen(
+            [python, "-c", "import socket, sys, time\nheld = []\nfor _ in range(31):\n"
+             "    s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); held.append(s)\n"
+             "    s.sendall(b'GET /gpu/stream_power HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n')\n"
+             "print(repr(held[-1].recv(4096)), flush=True)\ntime.sleep(60)\n",
+             daemon.socket_path], stdout=subprocess.PIPE, preexec_fn=as_nobody)
+        try:
+            refused = holder.stdout.readline().decode()
+            assert " 503 " in refused and "Too many connections from this client" in refused
+            assert daemon.get("/discover").status == 200
+            held = [served_connection(daemon) for _ in range(10)]
+            assert error_of(daemon.get("/discover"), 503) == "Too many connections"
+            for connection in held:
+                connection.close()
+        finally:
+            holder.kill()
+            holder.wait()
+    finally:
+        shutil.rmtree(public, ignore_errors=True)
+
+
+def test_override_output_and_matching_are_bounded(node, start, overrides):
+    slow_pattern = "a" * 36 + "b"
+    path = overrides('[set_power_limit]\ncommands = ["head -c 300000000 /dev/zero"]\n'
+                     '[set_persistence_mode]\ncommands = ["@ok {enabled}", "echo %s"]\n'
+                     'error_pattern = "(a|aa)+$"\n'
+                     '[reset_gpu_locked_clocks]\ncommands = ["sh -c \'setsid sleep 41.5 & '
+                     'sleep 30\'"]\ntimeout_s = 1\n' % slow_pattern)
+    daemon = start("--gpu-command-overrides", path)
+    pid = daemon.process.pid
+    resident = proc_status(pid, "VmRSS")
+    response = daemon.post("/gpu/set_power_limit?gpu_ids=0&power_limit_mw=200000&block=true")
+    assert response.status == 200
+    assert proc_status(pid, "VmHWM") < resident + 8 * 1024
+    matching = in_background(daemon.post, "/gpu/set_persistence_mode?gpu_ids=0&enabled=true&"
+                                          "block=true")
+    wait_for(lambda: overrides.recorded(), "the first command")
+    longest = max(timed(daemon.get, "/time")[1] for _ in range(40))
+    response, seconds = matching()
+    assert "error_pattern '(a|aa)+$' could not be matched against within 1 s" in \
+        errors_of(response, 500)["0"]
+    assert seconds < 3 and longest < 0.2, (seconds, longest)
+    response, seconds = timed(daemon.post, "/gpu/reset_gpu_locked_clocks?gpu_ids=1&block=true")
+    assert "did not finish within 1 s and was killed" in errors_of(response, 500)["1"]
+    assert seconds < 2.5
+
+    def survivors():
+        found = []
+        for entry in os.listdir("/proc"):
+            try:
+                with open("/proc/%s/cmdline" % entry, "rb") as cmdline:
+                    if b"41.5" in cmdline.read():
+                        found.append(entry)
+            except OSError:
+                pass
+        return found
+    assert survivors() == []
+
+
+def test_request_lines_are_summarised_past_100_a_second_audit_lines_never(node, start):
+    daemon = start()
+    connection = daemon.connect()
+    for _ in range(600):
+        connection.send(b"GET /time HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert connection.response().status == 200
+    assert daemon.post("/gpu/set_persistence_mode?gpu_ids=2&enabled=false&"
+                       "block=true").status == 200
+    wait_for(lambda: "request lines left out" in daemon.log(), "the summary line")
+    text = daemon.log()
+    written = len(re.findall(r" (GET /time|POST /gpu/set_persistence_mode\S+) 200 ", text))
+    summaries = re.findall(r"(\d+) request lines left out \(over 100 a second\), by status: "
+                           r"200: (\d+)", text)
+    assert written <= 300 and written + sum(int(n) for n, _ in summaries) == 601, (written,
+                                                                                   summaries)
+    assert "audit: uid=%d" % os.getuid() in text
+    quiet = start(env={"ZEUSD_LOG": "warning"}, socket_name="quiet.sock")
+    assert quiet.post("/gpu/set_persistence_mode?gpu_ids=2&enabled=false&block=true").status \
+        == 200
+    wait_for(lambda: "audit: " in quiet.log(), "the audit line at ZEUSD_LOG=warning")
+    assert " INFO audit: " in quiet.log() and "POST /gpu/set_persistence_mode" not in quiet.log()
+
+
+def test_lines_carry_syslog_priorities_when_stderr_is_the_journal(node, start):
+    log_path = os.path.join(node.root, "journal.log")
+    with open(log_path, "wb") as log_file:
+        info = os.fstat(log_file.fileno())
+    daemon = start("--enable", "gpu-read", "--num-workers", "2", log_path=log_path,
+                   env={"JOURNAL_STREAM": "%d:%d" % (info.st_dev, info.st_ino)})
+    daemon.get("/time")
+    wait_for(lambda: "GET /time" in daemon.log(), "the request line")
+    lines = daemon.log().splitlines()
+    assert any(line.startswith("<6>zeusd %s listening on" % zeusd.__version__) for line in lines)
+    assert any(line.startswith("<6>uid=") and "GET /time 200" in line for line in lines)
+    assert all(re.match(r"<[3467]>", line) for line in lines), lines
+
+
+def test_files_that_are_not_small_regular_files_are_refused(node, key_path, start, overrides):
+    fifo = os.path.join(node.root, "fifo")
+    os.mkfifo(fifo)
+    for flag in ("--gpu-command-overrides", "--signing-key-path"):
+        daemon = start(flag, fifo, wait=False)
+        assert daemon.wait_exit() == 1 and "not a regular file" in daemon.log()
+    huge = os.path.join(node.root, "huge.key")
+    with open(huge, "wb") as huge_file:
+        huge_file.write(b"k" * 70000)
+    daemon = start("--signing-key-path", huge, wait=False)
+    assert daemon.wait_exit() == 1 and "larger than 65536 bytes" in daemon.log()
+    daemon = start("--signing-key-path", key_path, socket_name="rotating.sock")
+    os.unlink(key_path)
+    os.mkfifo(key_path)
+    daemon.process.send_signal(signal.SIGHUP)
+    wait_for(lambda: "keeping the current signing key" in daemon.log(), "the FIFO refused")
+    os.unlink(key_path)
+    os.symlink("/dev/zero", key_path)
+    daemon.process.send_signal(signal.SIGHUP)
+    wait_for(lambda: daemon.log().count("keeping the current signing key") == 2,
+             "/dev/zero refused")
+    assert daemon.get("/auth/whoami", token=token([])).status == 200
+    stopped, seconds = timed(lambda: (daemon.process.send_signal(signal.SIGTERM),
+                                      daemon.wait_exit()))
+    assert stopped[1] == 0 and seconds < 2
+    assert "Traceback" not in daemon.log() and "MemoryError" not in daemon.log()
+
+
+def test_a_slow_gpu_is_not_taken_for_a_hung_one(node, start):
+    node.set_gpu(0, jitter=True)
+    node.set_gpu(2, jitter=True)
+    node.update(delay={"nvmlDeviceGetFieldValues": {"2": 0.12}})
+    daemon = start("--enable", "gpu-read", "--stream-format", "per-device")
+    stream = daemon.stream("/gpu/stream_power")
+    counts = count_events(stream, 1.0)
+    assert counts[2] >= 3 and counts[0] >= 1, counts
+    assert daemon.get_json("/gpu/get_power?gpu_ids=2")["power_mw"]["2"] >= 99000
+    assert daemon.get_json("/gpu/get_power")["power_mw"]["2"] >= 99000
+    assert "did not answer" not in daemon.log()
+    stream.close()
+
+
+def test_a_busy_fast_sampler_reports_no_false_hangs(node, start):
+    daemon = start("--enable", "gpu-read", "--gpu-power-poll-hz", "1000")
+    stream = daemon.stream("/gpu/stream_power")
+    connection = daemon.connect()
+    for _ in range(1500):
+        connection.send(b"GET /gpu/get_power HTTP/1.1\r\nHost: x\r\n\r\n")
+        response = connection.response()
+        assert response.status == 200, response
+    assert "did not answer" not in daemon.log()
+    stream.close()
+
+
+def test_two_daemons_started_at_once_on_one_path_one_serves(node, start):
+    for trial in range(3):
+        name = "race-%d.sock" % trial
+        first, second = (start("--enable", "gpu-read", socket_name=name, wait=False)
+                         for _ in range(2))
+        wait_for(lambda: first.process.poll() is not None or second.process.poll() is not None,
+                 "one daemon to give up")
+        loser, winner = (first, second) if first.process.poll() is not None else (second, first)
+        assert loser.wait_exit() == 1 and "another daemon is listening on" in loser.log()
+        winner.wait_ready()
+        assert winner.get("/time").status == 200
+        winner.stop()
+
+
+# ---- Last: the clients that the shared and the hung daemon have held since they started ----
+
+def test_a_hung_gpu_answers_within_the_limits(hung):
+    node, daemon = hung
+    response, seconds = daemon.energy()
+    assert errors_of(response, 503)["0"].startswith("GPU 0 did not answer within 5 s")
+    assert 4.9 < seconds < 6.5
+    # Once past the limit: 503 at once, and /metrics leaves the GPU out at once.
+    response, seconds = timed(daemon.get, "/gpu/get_cumulative_energy?gpu_ids=0,2")
+    assert list(errors_of(response, 503)) == ["0"] and seconds < 0.5
+    samples, seconds = timed(scrape, daemon)
+    assert series(samples, "zeusd_gpu_energy_joules_total", gpu=0) is None and seconds < 0.5
+    assert series(samples, "zeusd_gpu_energy_joules_total", gpu=2) == 5.0
+    response, seconds = daemon.setter()
+    assert errors_of(response, 503)["0"].startswith(
+        "GPU 0 did not finish set_power_limit within 10 s")
+    assert 9.9 < seconds < 11.5
+    wait_for(lambda: daemon.threads() == IDLE_THREADS + 1, "only the hung read's thread left")
+    assert "Traceback" not in daemon.log()
+
 
 def test_slow_client_gets_408(daemon):
     connection = daemon.slow_client

@@ -37,9 +37,10 @@ import argparse
 import base64
 import collections
 import errno
+import fcntl
+import grp
 import hashlib
 import hmac
-import http.client
 import json
 import logging
 import os
@@ -71,6 +72,12 @@ log = logging.getLogger("zeusd")
 API_GROUPS = ("gpu-control", "gpu-read", "cpu-read")
 ROOT_GROUPS = ("gpu-control", "cpu-read")
 STREAM_FORMATS = ("all-devices", "per-device")
+STREAM_FORMAT_CLIENTS = {
+    "per-device": "for Zeus 0.16 and newer, what pip install zeus gives; Zeus 0.15 needs "
+                  "--stream-format all-devices",
+    "all-devices": "for Zeus 0.15 and older; Zeus 0.16 and newer need --stream-format "
+                   "per-device, the default"}
+DEFAULT_SOCKET_PATH = "/run/zeusd/zeusd.sock"
 RAPL_DIRS = ("/sys/class/powercap/intel-rapl", "/zeus_sys/class/powercap/intel-rapl")
 DURATION_UNITS = {}
 for _names, _seconds in ((("s", "sec", "secs", "second", "seconds"), 1),
@@ -131,27 +138,64 @@ def parse_duration(text):
 
 LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
               "warn": logging.WARNING, "error": logging.ERROR}
-UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 def escape_unprintable(text):
-    """text with control characters as \\xNN escapes, so that it stays on one line."""
+    """text with every non-printable character (controls, line and paragraph separators,
+    format characters such as bidi overrides and zero-width spaces) as a \\xNN, \\uNNNN or
+    \\UNNNNNNNN escape, so that it stays on one line and reads as it is."""
     if text.isprintable():
         return text
-    return UNPRINTABLE.sub(escape_character, text)
+    return "".join(char if char.isprintable() else escape_character(char) for char in text)
 
 
-def escape_character(match):
-    code = ord(match.group())
-    return "\\x%02x" % code if code < 0x100 else "\\u%04x" % code
+def escape_character(char):
+    code = ord(char)
+    return "\\x%02x" % code if code < 0x100 else "\\u%04x" % code if code < 0x10000 else \
+        "\\U%08x" % code
+
+
+class LineStyle:
+    """How a log line looks: `time LEVEL message`, or, when stderr is the journal (systemd sets
+    JOURNAL_STREAM to its device and inode), `<priority>message`, the journal adding the time.
+    The message is escaped so that nothing in it can start a new line."""
+
+    PRIORITIES = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
+                  logging.CRITICAL: 2}
+
+    def __init__(self):
+        self.journal = False
+        self.second = None
+        self.second_text = ""
+
+    def detect_journal(self):
+        device, _, inode = os.environ.get("JOURNAL_STREAM", "").partition(":")
+        try:
+            info = os.fstat(2)
+            self.journal = (info.st_dev, info.st_ino) == (int(device), int(inode))
+        except (OSError, ValueError):
+            self.journal = False
+
+    def line(self, level, level_name, message):
+        if self.journal:
+            return "<%d>%s" % (self.PRIORITIES.get(level, 6), escape_unprintable(message))
+        now = time.time()
+        second = int(now)
+        if second != self.second:
+            self.second_text = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+            self.second = second
+        return "%s,%03d %s %s" % (self.second_text, (now - second) * 1000, level_name,
+                                  escape_unprintable(message))
+
+
+LINE_STYLE = LineStyle()
 
 
 class LineFormatter(logging.Formatter):
-    """`time LEVEL message`, the message escaped so that nothing in it can start a new line."""
+    """Formats records in the LINE_STYLE."""
 
     def format(self, record):
-        line = "%s %s %s" % (self.formatTime(record), record.levelname,
-                             escape_unprintable(record.getMessage()))
+        line = LINE_STYLE.line(record.levelno, record.levelname, record.getMessage())
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line
@@ -159,6 +203,7 @@ class LineFormatter(logging.Formatter):
 
 def setup_logging():
     level_name = os.environ.get("ZEUSD_LOG", "info").strip().lower()
+    LINE_STYLE.detect_journal()
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(LineFormatter())
     log.addHandler(handler)
@@ -174,34 +219,66 @@ def flush_logs():
         handler.flush()
 
 
-class LogTimestamps:
-    """The handler's timestamp text, with the part up to the second made once a second."""
-
-    def __init__(self):
-        self.cached = (None, "")
-
-    def now(self):
-        now = time.time()
-        second = int(now)
-        cached = self.cached
-        if cached[0] != second:
-            cached = self.cached = (second, time.strftime("%Y-%m-%d %H:%M:%S",
-                                                          time.localtime(second)))
-        return "%s,%03d" % (cached[1], (now - second) * 1000)
+def audit(failed, message, *args):
+    """An audit line: who changed the hardware, how, and the outcome. It is INFO (ERROR when
+    the device failed) and kept at ZEUSD_LOG=warning too: it is the record of the node."""
+    level = logging.ERROR if failed else logging.INFO
+    if failed or log.isEnabledFor(logging.WARNING):
+        log.handle(log.makeRecord(log.name, level, "(audit)", 0, "audit: " + message, args,
+                                  None))
 
 
-LOG_TIMESTAMPS = LogTimestamps()
-
-
-def log_fast(message):
-    """Write an INFO line as the handler would, but in one os.write of its own: for the
-    per-request lines, where the logging module's path costs several times more. Nothing is
-    buffered, so no line is lost at exit and lines keep their order. The caller checks that
-    INFO is enabled before it formats the message."""
-    data = ("%s INFO %s\n" % (LOG_TIMESTAMPS.now(), escape_unprintable(message))).encode(
-        "utf-8", "replace")
+def write_line(text):
+    """Write one log line in one os.write: nothing buffered, nothing lost at exit."""
+    data = (text + "\n").encode("utf-8", "replace")
     while data:
         data = data[os.write(2, data):]
+
+
+class RequestLines:
+    """The per-request INFO lines, written in one os.write each (the logging module's path
+    costs several times more), at most 100 a second: past that they are counted by status and
+    summarised in one line a second later, so that a flood of requests cannot push the audit
+    lines, warnings and errors past journald's rate limit. The caller checks that INFO is on
+    before it formats the message."""
+
+    PER_SECOND = 100
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.second = None
+        self.written = 0
+        self.left_out = collections.Counter()  # status -> lines not written
+        self.summary_due = False
+
+    def write(self, status, message):
+        second = int(time.monotonic())
+        with self.lock:
+            if second != self.second:
+                self.second, self.written = second, 0
+            self.written += 1
+            if self.written > self.PER_SECOND:
+                self.left_out[status] += 1
+                if not self.summary_due:
+                    self.summary_due = True
+                    summary = threading.Timer(1.0, self.summarise)
+                    summary.daemon = True
+                    summary.start()
+                return
+        write_line(LINE_STYLE.line(logging.INFO, "INFO", message))
+
+    def summarise(self):
+        with self.lock:
+            left_out, self.left_out, self.summary_due = self.left_out, collections.Counter(), \
+                False
+        write_line(LINE_STYLE.line(logging.INFO, "INFO", "%d request lines left out (over %d a "
+                                   "second), by status: %s" % (
+                                       sum(left_out.values()), self.PER_SECOND,
+                                       ", ".join("%d: %d" % item for item in
+                                                 sorted(left_out.items())))))
+
+
+REQUEST_LINES = RequestLines()
 
 
 class TimedLibrary:
@@ -242,6 +319,26 @@ class DeviceError(Exception):
         self.message = message
 
 
+class ReadErrors:
+    """Failed device reads (an error from the device, or no answer in time), counted by kind
+    ("gpu", "cpu") and device for /metrics."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.counts = collections.Counter()
+
+    def count(self, kind, device):
+        with self.lock:
+            self.counts[kind, device] += 1
+
+    def items(self):
+        with self.lock:
+            return sorted(self.counts.items())
+
+
+READ_ERRORS = ReadErrors()
+
+
 class HttpError(Exception):
     """A request that ends in an error status: a JSON {"error": message} with extra headers,
     as (name, value) pairs."""
@@ -253,12 +350,41 @@ class HttpError(Exception):
         self.headers = headers
 
 
+# ---- Files: the small regular files the daemon reads, opened without blocking ----
+
+MAX_FILE_BYTES = 65536
+
+
+def read_small_file(path):
+    """(bytes, os.stat_result) of a regular file of at most 64 KiB. The checks are made on the
+    opened descriptor, opened without blocking, so that a FIFO, a device such as /dev/zero or a
+    file swapped in after a check is refused (OSError) rather than read or waited on."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        if info.st_size > MAX_FILE_BYTES:
+            raise OSError(errno.EFBIG, "larger than %d bytes" % MAX_FILE_BYTES)
+        chunks, size = [], 0
+        while True:
+            chunk = os.read(fd, MAX_FILE_BYTES + 1 - size)
+            if not chunk:
+                return b"".join(chunks), info
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > MAX_FILE_BYTES:
+                raise OSError(errno.EFBIG, "larger than %d bytes" % MAX_FILE_BYTES)
+    finally:
+        os.close(fd)
+
+
 # ---- Authentication: HS256 JSON Web Tokens, signing keys, scopes ----
 
 TOKEN_MAX_LENGTH = 8192
 LEEWAY_S = 60
 BASE64URL = re.compile(r"[A-Za-z0-9_-]*")
-OPEN_PATHS = ("/discover", "/time")
+OPEN_PATHS = ("/discover", "/time", "/health")
 BEARER_CHALLENGE = (("WWW-Authenticate", 'Bearer realm="zeusd"'),)
 Claims = collections.namedtuple("Claims", "sub scopes exp gpus")
 Claims.__new__.__defaults__ = (None,)  # gpus: absent = every GPU (the Rust daemon's tokens)
@@ -293,11 +419,10 @@ def unique_keys(pairs):
 def load_signing_key(path):
     """The key file's raw bytes, unmodified; warns if others may read it."""
     try:
-        with open(path, "rb") as key_file:
-            key = key_file.read()
-            mode = os.fstat(key_file.fileno()).st_mode
+        key, info = read_small_file(path)
     except OSError as err:
         raise StartupError("cannot read the signing key %s: %s" % (path, err.strerror or err))
+    mode = info.st_mode
     if not key:
         raise StartupError("the signing key file %s is empty; generate one with: "
                            "openssl rand -base64 32 > %s" % (path, path))
@@ -424,7 +549,9 @@ class Authenticator:
 
 # ---- Devices, GPUs: the backend interface and its NVML implementation ----
 
-GpuInfo = collections.namedtuple("GpuInfo", "name pci_address cumulative_energy_available uuid")
+GpuInfo = collections.namedtuple("GpuInfo", "name pci_address cumulative_energy_available uuid "
+                                            "power_limit_range")
+NVML_CALL_LIMIT_S = 10.0  # how long a control call may take before its caller is answered 503
 NVML_KINDS = {2: "invalid-argument", 3: "not-supported", 4: "no-permission"}
 NVML_ABSENT = (9, 12)  # driver not loaded, library not found
 NVML_NOT_SUPPORTED = 3
@@ -435,6 +562,10 @@ class GpuBackend:
     """The GPU operations the daemon uses, by index into `gpus`. This base has no GPUs."""
 
     gpus = ()
+
+    def limit_s(self, operation):
+        """How long the control operation may take before its caller is answered 503."""
+        return NVML_CALL_LIMIT_S
 
     def power_mw(self, index):
         raise NotImplementedError
@@ -507,8 +638,12 @@ class NvmlBackend(GpuBackend):
                 uuid = text_of(nvml.nvmlDeviceGetUUID(handle))
             except nvml.NVMLError:
                 uuid = ""
+            try:
+                limits = tuple(nvml.nvmlDeviceGetPowerManagementLimitConstraints(handle))
+            except nvml.NVMLError:
+                limits = None
             gpus.append(GpuInfo(name, pci, self._answers(nvml.nvmlDeviceGetTotalEnergyConsumption,
-                                                         handle), uuid))
+                                                         handle), uuid, limits))
             self.instant[index] = self._instant_code(handle) != NVML_NOT_SUPPORTED
         self.gpus = gpus
 
@@ -528,6 +663,13 @@ class NvmlBackend(GpuBackend):
         except self.nvml.NVMLError as err:
             raise self._error(function.__name__, index, err)
 
+    def _read(self, function, index):
+        try:
+            return function(self.handles[index])
+        except self.nvml.NVMLError as err:
+            READ_ERRORS.count("gpu", index)
+            raise self._error(function.__name__, index, err)
+
     @staticmethod
     def _error(function_name, index, err):
         code = getattr(err, "value", None)
@@ -541,32 +683,34 @@ class NvmlBackend(GpuBackend):
             try:
                 value = self.get_field_values(self.handles[index], self.instant_field)[0]
             except self.nvml.NVMLError as err:
+                READ_ERRORS.count("gpu", index)
                 raise self._error("nvmlDeviceGetFieldValues", index, err)
             code = value.nvmlReturn
             if code == 0:
                 return int(getattr(value.value, NVML_VALUE_FIELDS[value.valueType]))
             if code != NVML_NOT_SUPPORTED:
+                READ_ERRORS.count("gpu", index)
                 raise DeviceError(NVML_KINDS.get(code, "failed"), "instant power read failed on "
                                   "GPU %d: %s (NVML error %d)" % (index, self.nvml.NVMLError(code),
                                                                   code))
             self.instant[index] = False
             log.info("GPU %d does not report instant power; using nvmlDeviceGetPowerUsage", index)
-        return self._call(self.nvml.nvmlDeviceGetPowerUsage, index)
+        return self._read(self.nvml.nvmlDeviceGetPowerUsage, index)
 
     def energy_mj(self, index):
         if not self.gpus[index].cumulative_energy_available:
             raise DeviceError("not-supported", "GPU %d has no cumulative energy counter (nvmlDevice"
                               "GetTotalEnergyConsumption is not supported)" % index)
-        return self._call(self.nvml.nvmlDeviceGetTotalEnergyConsumption, index)
+        return self._read(self.nvml.nvmlDeviceGetTotalEnergyConsumption, index)
 
     def power_limit_mw(self, index):
-        return self._call(self.nvml.nvmlDeviceGetPowerManagementLimit, index)
+        return self._read(self.nvml.nvmlDeviceGetPowerManagementLimit, index)
 
     def power_limit_constraints_mw(self, index):
-        return tuple(self._call(self.nvml.nvmlDeviceGetPowerManagementLimitConstraints, index))
+        return tuple(self._read(self.nvml.nvmlDeviceGetPowerManagementLimitConstraints, index))
 
     def persistence_mode(self, index):
-        return self._call(self.nvml.nvmlDeviceGetPersistenceMode, index) == 1
+        return self._read(self.nvml.nvmlDeviceGetPersistenceMode, index) == 1
 
     def set_power_limit(self, index, milliwatts):
         self._call(self.nvml.nvmlDeviceSetPowerManagementLimit, index, milliwatts)
@@ -612,6 +756,7 @@ TOML_INTEGER = re.compile(r"[+-]?(?:0|[1-9](?:_?[0-9])*)(?![0-9A-Za-z_.:+-])")
 TOML_BOOLEAN = re.compile(r"(true|false)(?![0-9A-Za-z_.:+-])")
 TOML_ESCAPES = {"b": "\b", "t": "\t", "n": "\n", "f": "\f", "r": "\r", '"': '"', "\\": "\\"}
 TOML_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f]")
+TOML_MAX_DEPTH = 32
 
 
 class TomlReader:
@@ -622,6 +767,7 @@ class TomlReader:
     def __init__(self, text):
         self.text = text.replace("\r\n", "\n")
         self.pos = 0
+        self.depth = 0
 
     def fail(self, message):
         raise ValueError("line %d: %s" % (self.text.count("\n", 0, self.pos) + 1, message))
@@ -749,12 +895,16 @@ class TomlReader:
         self.fail("invalid escape sequence in a string")
 
     def array(self):
+        self.depth += 1
+        if self.depth > TOML_MAX_DEPTH:
+            self.fail("arrays nested deeper than %d levels" % TOML_MAX_DEPTH)
         self.pos += 1
         items = []
         while True:
             self.skip(newlines=True)
             if self.peek() == "]":
                 self.pos += 1
+                self.depth -= 1
                 return items
             items.append(self.value())
             self.skip(newlines=True)
@@ -781,6 +931,12 @@ OVERRIDE_ARGUMENTS = {  # operation -> its placeholders besides {gpu_id}
 }
 OVERRIDE_KEYS = ("commands", "error_pattern", "timeout_s")
 OVERRIDE_TIMEOUT_S = 60
+OVERRIDE_LIMIT_GRACE_S = 2
+OUTPUT_KEPT = 65536  # bytes of each of stdout and stderr kept
+EXIT_GRACE_S = 1.0  # how long pipes held open by a command's children are read after it exits
+EXIT_CHECK_S = 0.1
+PATTERN_LIMIT_S = 1.0  # how long matching error_pattern may take
+PATTERN_START_S = 5.0  # how long the matching child may take to start, on a busy node
 PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 OUTPUT_SHOWN = 300
 
@@ -805,7 +961,8 @@ class CommandOverride:
 
 def run_command(argv, timeout_s, error_pattern):
     """Run argv (stdin closed, no shell); DeviceError if it exits non-zero, outlives timeout_s
-    (it and its process group are killed) or prints what error_pattern matches."""
+    (it, its process group and whatever still holds its output are killed) or prints what
+    error_pattern matches. At most 64 KiB of each of stdout and stderr is kept."""
     shown_command = " ".join(shlex.quote(word) for word in argv)
     log.debug("running %s", shown_command)
     try:
@@ -816,23 +973,100 @@ def run_command(argv, timeout_s, error_pattern):
                           % (shown_command, err.strerror or err))
     reason = None
     try:
-        out, err = process.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
+        deadline = time.monotonic() + timeout_s
+        out, err = collect_output(process, deadline)
         try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except OSError:
-            pass
-        out, err = process.communicate()
-        reason = "did not finish within %d s and was killed" % timeout_s
+            process.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            kill_command(process)
+            reason = "did not finish within %d s and was killed" % timeout_s
+    finally:
+        process.stdout.close()
+        process.stderr.close()
     out, err = out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
     if reason is None and process.returncode != 0:
         reason = ("exited with status %d" % process.returncode if process.returncode > 0 else
                   "was killed by signal %d" % -process.returncode)
-    if reason is None and error_pattern is not None and error_pattern.search(out + "\n" + err):
-        reason = "printed output matching error_pattern %r" % error_pattern.pattern
+    if reason is None and error_pattern is not None:
+        matched = pattern_matches(error_pattern, out + "\n" + err)
+        if matched is None:
+            reason = "printed output that error_pattern %r could not be matched against within " \
+                     "%g s" % (error_pattern.pattern, PATTERN_LIMIT_S)
+        elif matched:
+            reason = "printed output matching error_pattern %r" % error_pattern.pattern
     if reason is not None:
         raise DeviceError("failed", "command '%s' %s; stdout: %s; stderr: %s" % (
             shown_command, reason, clip(out), clip(err)))
+
+
+def collect_output(process, deadline):
+    """(stdout, stderr) of a running command, each pipe read until it closes and its first
+    64 KiB kept (the rest is read and discarded), until the deadline. Once the command itself
+    has exited, pipes that a child of it keeps open are read for at most a second more."""
+    kept = {process.stdout.fileno(): bytearray(), process.stderr.fileno(): bytearray()}
+    poller = select.poll()
+    for fd in kept:
+        poller.register(fd, select.POLLIN)
+    open_fds, exited_at = set(kept), None
+    while open_fds:
+        now = time.monotonic()
+        if exited_at is None and process.poll() is not None:
+            exited_at = now
+        until = deadline if exited_at is None else min(deadline, exited_at + EXIT_GRACE_S)
+        if now >= until:
+            break
+        for fd, _ in poller.poll(min(until - now, EXIT_CHECK_S) * 1000):
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                poller.unregister(fd)
+                open_fds.discard(fd)
+            elif len(kept[fd]) < OUTPUT_KEPT:
+                kept[fd] += chunk[:OUTPUT_KEPT - len(kept[fd])]
+    return bytes(kept[process.stdout.fileno()]), bytes(kept[process.stderr.fileno()])
+
+
+def kill_command(process):
+    """SIGKILL a command's process group, and every other process that holds its output pipes
+    (a child that left the group with setsid but kept them), then reap it."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except OSError:
+        pass
+    pipes = {"pipe:[%d]" % os.fstat(pipe.fileno()).st_ino
+             for pipe in (process.stdout, process.stderr)}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        fd_dir = "/proc/%s/fd" % pid
+        try:
+            if any(os.readlink(os.path.join(fd_dir, fd)) in pipes for fd in os.listdir(fd_dir)):
+                os.kill(int(pid), signal.SIGKILL)
+        except OSError:
+            continue
+    process.wait()
+
+
+PATTERN_MATCHER = (
+    "import json, re, signal, sys\n"
+    "pattern, text = json.loads(sys.stdin.buffer.read().decode('utf-8'))\n"
+    "signal.setitimer(signal.ITIMER_REAL, %r)\n"
+    "sys.exit(0 if re.search(pattern, text) else 1)\n")
+
+
+def pattern_matches(pattern, text):
+    """Whether pattern matches text, None if that cannot be decided within 1 s. The search runs
+    in a child Python that SIGALRM ends after 1 s: Python's re holds the interpreter lock while
+    it backtracks, so a pattern such as (a|aa)+$ would otherwise stall every daemon thread."""
+    process = subprocess.Popen(
+        [sys.executable or "python3", "-I", "-S", "-c", PATTERN_MATCHER % PATTERN_LIMIT_S],
+        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        process.communicate(json.dumps([pattern.pattern, text]).encode("utf-8"),
+                            timeout=PATTERN_LIMIT_S + PATTERN_START_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    return {0: True, 1: False}.get(process.returncode)
 
 
 def clip(text):
@@ -843,9 +1077,8 @@ def clip(text):
 def load_overrides(path):
     """{operation: CommandOverride} from a trusted override file; StartupError otherwise."""
     try:
-        with open(path, "rb") as override_file:
-            info = os.fstat(override_file.fileno())
-            text = override_file.read().decode("utf-8")
+        data, info = read_small_file(path)
+        text = data.decode("utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise StartupError("cannot read --gpu-command-overrides %s: %s"
                            % (path, getattr(err, "strerror", None) or err))
@@ -914,6 +1147,12 @@ class OverriddenBackend(GpuBackend):
         self.inner = inner
         self.overrides = overrides
         self.gpus = inner.gpus
+
+    def limit_s(self, operation):
+        override = self.overrides.get(operation)
+        if override is None:
+            return self.inner.limit_s(operation)
+        return override.timeout_s * len(override.commands) + OVERRIDE_LIMIT_GRACE_S
 
     def power_mw(self, index):
         return self.inner.power_mw(index)
@@ -1050,6 +1289,7 @@ class RaplPackage:
             try:
                 return self.package.read(), (self.dram.read() if self.dram else None)
             except (OSError, ValueError) as err:
+                READ_ERRORS.count("cpu", self.index)
                 raise DeviceError("failed", "CPU %d: cannot read RAPL energy: %s"
                                   % (self.index, err))
 
@@ -1111,29 +1351,136 @@ class RaplWrapGuard:
                         log.debug("wraparound guard: %s", err.message)
 
 
+# ---- Bounded waits: device calls with a time limit, so that no caller waits on a hung device ----
+
+READ_LIMIT_S = 5.0
+GONE_CHECK_AFTER_S = 0.05
+GONE_CHECK_EVERY_S = 0.1
+
+
+class CallerGone(Exception):
+    """The client went away while its request waited on a device."""
+
+
+def wait_until(event, deadline, gone):
+    """Wait for event until the monotonic deadline; whether it is set. After a short wait,
+    gone() is asked every 0.1 s whether the client went away (CallerGone then)."""
+    if event.wait(min(GONE_CHECK_AFTER_S, max(0.0, deadline - time.monotonic()))):
+        return True
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return event.is_set()
+        if gone is not None and gone():
+            raise CallerGone()
+        if event.wait(min(GONE_CHECK_EVERY_S, remaining)):
+            return True
+
+
+class PendingCall:
+    """One device call in progress on a thread of its own: its start, and once done its value
+    or error."""
+
+    __slots__ = ("started", "done", "value", "error")
+
+    def __init__(self):
+        self.started = time.monotonic()
+        self.done = threading.Event()
+        self.value = None
+        self.error = None
+
+
+class BoundedCalls:
+    """Device reads on request paths, each made on a thread of its own and waited for at most
+    READ_LIMIT_S from its start. Callers that ask for a call already in progress on the same
+    device join it rather than make it again, so a hung device ties up at most one thread per
+    kind of call however many clients ask; once the call is older than the limit they are
+    answered `timeout` at once, until it returns."""
+
+    def __init__(self, kind, limit_s=READ_LIMIT_S):
+        self.kind = kind
+        self.limit_s = limit_s
+        self.lock = threading.Lock()
+        self.pending = {}  # (function name, device) -> PendingCall
+
+    def call_all(self, function, ids, gone=None):
+        """({device: value}, {device: DeviceError}) of function(device) for each of ids."""
+        name = function.__name__
+        calls, started = {}, []
+        with self.lock:
+            for index in ids:
+                call = self.pending.get((name, index))
+                if call is None:
+                    call = self.pending[name, index] = PendingCall()
+                    started.append((index, call))
+                calls[index] = call
+        for index, call in started:
+            threading.Thread(target=self.run, args=(name, index, function, call),
+                             name="%s%d-%s" % (self.kind.lower(), index, name),
+                             daemon=True).start()
+        results, errors = {}, {}
+        for index, call in calls.items():
+            if not wait_until(call.done, call.started + self.limit_s, gone):
+                READ_ERRORS.count(self.kind.lower(), index)
+                errors[index] = DeviceError("timeout", "%s %d did not answer within %g s (its %s "
+                                            "call has been pending for %.1f s)" % (
+                                                self.kind, index, self.limit_s, name,
+                                                time.monotonic() - call.started))
+            elif call.error is not None:
+                errors[index] = call.error
+            else:
+                results[index] = call.value
+        return results, errors
+
+    def overdue(self):
+        """{device: message} of the calls pending for longer than the limit."""
+        now = time.monotonic()
+        with self.lock:
+            return {index: "%s %d has not answered its %s call for %.1f s" % (
+                self.kind, index, name, now - call.started)
+                for (name, index), call in self.pending.items()
+                if now - call.started >= self.limit_s}
+
+    def run(self, name, index, function, call):
+        try:
+            call.value = function(index)
+        except DeviceError as err:
+            call.error = err
+        except Exception as err:
+            call.error = DeviceError("failed", "%s %d: %s failed unexpectedly: %s: %s"
+                                     % (self.kind, index, name, type(err).__name__, err))
+        finally:
+            with self.lock:
+                del self.pending[name, index]
+            call.done.set()
+
+
 # ---- GPU control: one worker thread per GPU, commands run one at a time in arrival order ----
 
-CONTROL_QUEUE_LIMIT = 256
-
-
+CONTROL_QUEUE_LIMIT = 64
 CLIENT_ERROR_KINDS = ("invalid-argument", "not-supported")
 
 
 class ControlJob:
     """One control command for one GPU; `done` is set once it ran, with `error` if it failed.
     Each one that reaches the GPU leaves an audit line: who, what, with which arguments, and
-    the outcome (ERROR level only for the device's failures, not the client's mistakes)."""
+    the outcome (ERROR level only for the device's failures, not the client's mistakes), and
+    whether its caller had already been answered that it took too long."""
 
-    __slots__ = ("gpu", "operation", "args", "named", "who", "done", "error")
+    __slots__ = ("gpu", "operation", "args", "named", "who", "limit_s", "deadline", "done",
+                 "error", "answered")
 
-    def __init__(self, gpu, operation, args, named, who):
+    def __init__(self, gpu, operation, args, named, who, limit_s):
         self.gpu = gpu
         self.operation = operation
         self.args = args
         self.named = named
         self.who = who
+        self.limit_s = limit_s
+        self.deadline = time.monotonic() + limit_s
         self.done = threading.Event()
         self.error = None
+        self.answered = False
 
     def run(self, backend, counts, counts_lock):
         try:
@@ -1146,15 +1493,24 @@ class ControlJob:
         result = "ok" if self.error is None else "error"
         with counts_lock:
             counts[self.operation, result] += 1
-        level = logging.ERROR if result == "error" and \
-            self.error.kind not in CLIENT_ERROR_KINDS else logging.INFO
-        log.log(level, "audit: %s %s gpu=%d%s: %s", self.who, self.operation, self.gpu,
-                self.named, "ok" if self.error is None else "error: " + self.error.message)
+        audit(result == "error" and self.error.kind not in CLIENT_ERROR_KINDS,
+              "%s %s gpu=%d%s: %s%s", self.who, self.operation, self.gpu, self.named,
+              "ok" if self.error is None else "error: " + self.error.message,
+              " (finished after its caller was answered 503)" if self.answered else "")
         self.done.set()
+
+    def outcome(self, gone):
+        """The job's error, None if it succeeded, or a timeout error once its limit passed."""
+        if wait_until(self.done, self.deadline, gone):
+            return self.error
+        self.answered = True
+        return DeviceError("timeout", "GPU %d did not finish %s within %g s; it is still queued "
+                           "or running, and its audit line will say how it ended" % (
+                               self.gpu, self.operation, self.limit_s))
 
 
 class GpuControl:
-    """Per-GPU command queues and their worker threads."""
+    """Per-GPU command queues (at most 64 waiting) and their worker threads."""
 
     def __init__(self, backend):
         self.backend = backend
@@ -1168,12 +1524,13 @@ class GpuControl:
     def submit(self, ids, operation, args, named, who):
         """Queue the command on every GPU in ids, or on none if one of their queues is full;
         named ('power_limit_mw=200000') and who (the caller) are for the audit line."""
+        limit_s = self.backend.limit_s(operation)
         with self.lock:
             for index in ids:
                 if self.queues[index].qsize() >= CONTROL_QUEUE_LIMIT:
-                    raise DeviceError("busy", "GPU %d has %d control commands queued; try again "
-                                              "later." % (index, CONTROL_QUEUE_LIMIT))
-            jobs = [ControlJob(index, operation, args, named, who) for index in ids]
+                    raise DeviceError("busy", "GPU %d is busy: %d commands are waiting"
+                                      % (index, CONTROL_QUEUE_LIMIT))
+            jobs = [ControlJob(index, operation, args, named, who, limit_s) for index in ids]
             for job in jobs:
                 self.queues[job.gpu].put(job)
         return jobs
@@ -1190,6 +1547,7 @@ MAX_STREAM_BACKLOG = 65536
 SSE_KEEPALIVE = b": keep-alive\n\n"
 RELAYS = 2  # sampler threads taking the ticks in turn
 ONE_SHOT_GRACE_S = 0.5
+HANG_FLOOR_S = 0.25  # a read is taken for a hang after one period, but never sooner than this
 
 
 class Sample:
@@ -1206,6 +1564,16 @@ class Sample:
         self.meter = meter
         self.renders = {}
         self.events = {}
+
+    def merged(self, index, value, error):
+        """This sample with one device's late value (or error) put in."""
+        values, errors = dict(self.values), dict(self.errors)
+        errors.pop(index, None)
+        if error is not None:
+            errors[index] = error
+        elif value is not None:
+            values[index] = value
+        return Sample(self.taken, self.timestamp_ms, values, errors, self.meter)
 
     def render(self, ids):
         """(selected values, get_power body, all-devices SSE event) for the ids; devices
@@ -1233,20 +1601,22 @@ class Sample:
 
 
 class FailureLog:
-    """Logs a device's failures once per run of failures, and its recovery."""
+    """Logs a device's failures once per run of failures, and its recovery; `failing` holds
+    the latest error message of each device failing now."""
 
-    def __init__(self, kind):
+    def __init__(self, kind, left_out_of="samples"):
         self.kind = kind
-        self.failing = set()
+        self.left_out_of = left_out_of
+        self.failing = {}  # device -> message
 
     def failed(self, index, err):
         if index not in self.failing:
-            self.failing.add(index)
-            log.error("%s; left out of samples until it reads again", err.message)
+            log.error("%s; left out of %s until it reads again", err.message, self.left_out_of)
+        self.failing[index] = err.message
 
     def answered(self, values):
-        for index in self.failing.intersection(values):
-            self.failing.discard(index)
+        for index in [i for i in self.failing if i in values]:
+            del self.failing[index]
             log.info("%s %s reads again", self.kind, index)
 
 
@@ -1380,14 +1750,19 @@ class Sampler:
     tick costs what it would on one thread): a tick reads each device once, publishes the
     sample through a condition (one-shot readers wait on it) and writes it to every open
     stream with non-blocking sends. A relay stuck in a device read is left behind: the next
-    tick waits at most one period for that read, then counts the device as not answering
-    (left out, an error for one-shot readers) until the read returns, and a new relay takes
-    the stuck one's place. Healthy devices are thus never delayed by more than one period.
+    tick waits at most one period for that read, then goes on without that device, and a new
+    relay takes the stuck one's place. Healthy devices are thus never delayed by more than
+    one period. The slow device is left out of samples while its read is pending; once it has
+    been pending for hang_after (one period, never less than 250 ms, so that scheduling delay
+    on a busy node is not taken for a hang) it counts as not answering (an error for one-shot
+    readers) until the read returns. A read that returns late is still published, put into
+    the latest sample.
     """
 
     def __init__(self, hz, meter):
         self.kind = meter.kind
         self.period = 1.0 / hz
+        self.hang_after = max(self.period, HANG_FLOOR_S)
         self.meter = meter
         self.lock = threading.Lock()
         self.demand = threading.Condition(self.lock)
@@ -1400,7 +1775,7 @@ class Sampler:
         self.next_due = 0.0
         self.ticking = False  # whether a relay's tick is in progress
         self.in_flight = {}  # device -> monotonic start of the read in progress
-        self.hung = {}  # device -> monotonic start of a read that has not returned in a period
+        self.slow = {}  # device -> monotonic start of a read that has not returned in a period
         self.tick_waiters = 0
         self.relays = 0  # relay threads not stuck in a device read
         self.failures = FailureLog(meter.kind)
@@ -1519,46 +1894,49 @@ class Sampler:
             self.ticking = True
         taken, timestamp_ms = time.monotonic(), int(time.time() * 1000)
         values, errors, warming = {}, {}, False
-        read, hung, in_flight = self.meter.read, self.hung, self.in_flight
+        read, slow, in_flight = self.meter.read, self.slow, self.in_flight
         for index in self.meter.ids:
-            if index in hung:
-                errors[index] = self.timeout_error(index)
+            if index in slow:
+                if taken - slow.get(index, taken) >= self.hang_after:
+                    errors[index] = self.timeout_error(index)
                 continue
             in_flight[index] = time.monotonic()
+            value = error = None
             try:
                 value = read(index)
             except DeviceError as err:
-                errors[index] = err
+                error = errors[index] = err
             except Exception as err:
-                errors[index] = DeviceError("failed", "%s %d: unexpected error reading it: %s: %s"
-                                            % (self.kind, index, type(err).__name__, err))
+                error = errors[index] = DeviceError(
+                    "failed", "%s %d: unexpected error reading it: %s: %s"
+                    % (self.kind, index, type(err).__name__, err))
             else:
                 if value is None:
                     warming = True
                 else:
                     values[index] = value
             if in_flight.pop(index, None) is None:
-                self.left_behind(index)
+                self.left_behind(index, value, error)
                 return "abandoned"
         self.publish(Sample(taken, timestamp_ms, values, errors, self.meter))
         return "warming" if warming else "done"
 
     def timeout_error(self, index):
-        since = self.hung.get(index, time.monotonic())
+        since = self.slow.get(index, time.monotonic())
         return DeviceError("timeout", "%s %d did not answer within %d ms (its read has been "
-                           "pending for %.1f s)" % (self.kind, index, self.period * 1000,
+                           "pending for %.1f s)" % (self.kind, index, self.hang_after * 1000,
                                                     time.monotonic() - since))
 
     def wait_for_tick_in_progress(self):
         """Wait (holding the lock) until no other tick is in progress, or until the read it is
-        in has taken one period: that relay is then left behind, its device marked as hung,
+        in has taken one period: that relay is then left behind, its device marked as slow,
         and a new relay takes its place."""
         while self.ticking and not self.stopped:
             timeout = self.period
             for index, since in self.in_flight.copy().items():
                 timeout = since + self.period - time.monotonic()
                 if timeout <= 0 and self.in_flight.pop(index, None) is not None:
-                    self.hung[index] = since
+                    self.slow[index] = since
                     self.ticking = False
                     self.relays -= 1
                     if self.relays < RELAYS:
@@ -1568,17 +1946,26 @@ class Sampler:
             self.tick_done.wait(max(timeout, 0.0))
             self.tick_waiters -= 1
 
-    def left_behind(self, index):
-        """This relay's read of index, declared hung, has returned: clear the mark, rejoin."""
+    def left_behind(self, index, value, error):
+        """This relay's read of index, left behind as slow, has returned: clear the mark,
+        rejoin, and publish what it read, put into the latest sample."""
         with self.lock:
-            self.hung.pop(index, None)
+            self.slow.pop(index, None)
             self.relays += 1
+            self.wait_for_tick_in_progress()
+            if self.stopped or self.latest is None or (value is None and error is None):
+                return
+            self.ticking = True
+            sample = self.latest.merged(index, value, error)
+        self.publish(sample)
 
     def publish(self, sample):
         """Log failures and recoveries, write the sample to every stream, then make it the
         latest for one-shot readers and end the tick."""
         if sample.errors:
             for index, err in sample.errors.items():
+                if err.kind == "timeout":
+                    READ_ERRORS.count(self.kind.lower(), index)
                 self.failures.failed(index, err)
         if self.failures.failing:
             self.failures.answered(sample.values)
@@ -1612,6 +1999,7 @@ class Node:
         self.cpu_ids = tuple(package.index for package in self.cpus)
         self.cpu_by_id = {package.index: package for package in self.cpus}
         self.control = GpuControl(self.gpu) if "gpu-control" in groups else None
+        self.gpu_calls = BoundedCalls("GPU")
         self.gpu_sampler = Sampler(gpu_hz, GpuPowerMeter(self.gpu))
         self.cpu_sampler = Sampler(cpu_hz, CpuPowerMeter(self.cpus, 1.0 / cpu_hz))
         self.guard = RaplWrapGuard(self.cpus) if self.cpus else None
@@ -1757,13 +2145,14 @@ def select_ids(requested, available, kind, list_unknown=False):
 
 # ---- HTTP, API: routes and their handlers, behind group gating, auth and method checks ----
 
-Request = collections.namedtuple("Request", "method path query version headers peer")
+Request = collections.namedtuple("Request", "method path query version headers caller")
 Route = collections.namedtuple("Route", "group method params handler")
 Stream = collections.namedtuple("Stream", "sampler ids per_device")
 IDS = (parse_ids, False)
 REQUIRED_IDS = (parse_ids, True)
 BOOL = (parse_bool, True)
 U32 = (parse_u32, True)
+HEALTHY = Reply(200, b'{"status": "ok"}')
 INTERNAL_ERROR = Reply(500, error_body("Internal server error; see the daemon's log."),
                        reason="internal error (traceback above)")
 
@@ -1772,10 +2161,11 @@ class Api:
     """Answers a parsed request: route, group gate, auth and scope, method, parameters,
     handler, in that order; every failure becomes an error Reply."""
 
-    def __init__(self, node, groups, authenticator, stream_format="all-devices"):
+    def __init__(self, node, groups, authenticator, stream_format="per-device"):
         self.node = node
         self.groups = groups
         self.auth = authenticator
+        self.stream_format = stream_format
         self.per_device = stream_format == "per-device"
         self.disabled = {}
         self.routes = {}
@@ -1795,11 +2185,13 @@ class Api:
         self.discover_reply = Reply(200, json_body(self.discovery()))
 
     def all_routes(self):
-        gpu_ids, ctl = {"gpu_ids": IDS}, {"gpu_ids": REQUIRED_IDS, "block": BOOL}
+        gpu, gpu_ids, ctl = self.node.gpu, {"gpu_ids": IDS}, {"gpu_ids": REQUIRED_IDS,
+                                                               "block": BOOL}
         clocks = dict(ctl, min_clock_mhz=U32, max_clock_mhz=U32)
         return {
             "/discover": Route(None, "GET", None, self.discover),
             "/time": Route(None, "GET", None, self.time),
+            "/health": Route(None, "GET", None, self.health),
             "/auth/whoami": Route(None, "GET", None, self.whoami),
             "/metrics": Route(None, "GET", None, self.scrape),
             "/gpu/set_power_limit": Route(
@@ -1823,16 +2215,18 @@ class Api:
             "/gpu/get_power": Route("gpu-read", "GET", gpu_ids, self.gpu_power),
             "/gpu/stream_power": Route("gpu-read", "GET", gpu_ids, self.gpu_stream),
             "/gpu/get_cumulative_energy": Route(
-                "gpu-read", "GET", gpu_ids,
-                self.gpu_read(lambda b, i: {"energy_mj": b.energy_mj(i)})),
+                "gpu-read", "GET", gpu_ids, self.gpu_read(gpu.energy_mj, lambda value: {
+                    "energy_mj": value})),
             "/gpu/get_power_limit": Route(
-                "gpu-read", "GET", gpu_ids,
-                self.gpu_read(lambda b, i: {"power_limit_mw": b.power_limit_mw(i)})),
+                "gpu-read", "GET", gpu_ids, self.gpu_read(gpu.power_limit_mw, lambda value: {
+                    "power_limit_mw": value})),
             "/gpu/get_power_limit_constraints": Route(
-                "gpu-read", "GET", gpu_ids, self.gpu_read(self.constraints)),
+                "gpu-read", "GET", gpu_ids, self.gpu_read(
+                    gpu.power_limit_constraints_mw, lambda value: {
+                        "min_power_limit_mw": value[0], "max_power_limit_mw": value[1]})),
             "/gpu/get_persistence_mode": Route(
-                "gpu-read", "GET", gpu_ids,
-                self.gpu_read(lambda b, i: {"enabled": b.persistence_mode(i)})),
+                "gpu-read", "GET", gpu_ids, self.gpu_read(gpu.persistence_mode, lambda value: {
+                    "enabled": value})),
             "/cpu/get_cumulative_energy": Route(
                 "cpu-read", "GET", {"cpu_ids": IDS, "cpu": BOOL, "dram": BOOL}, self.cpu_energy),
             "/cpu/get_power": Route("cpu-read", "GET", {"cpu_ids": IDS}, self.cpu_power),
@@ -1852,6 +2246,8 @@ class Api:
                      for i, gpu in enumerate(node.gpu.gpus)],
             "cpus": [{"id": package.index, "name": package.name,
                       "dram_available": package.dram is not None} for package in node.cpus],
+            "version": __version__,
+            "stream_format": self.stream_format,
         }
 
     def handle(self, request):
@@ -1864,6 +2260,8 @@ class Api:
             result = route.handler(args, claims, request)
         except (HttpError, DeviceError) as err:
             result = error_reply(err)
+        except CallerGone:
+            raise
         except Exception:
             log.exception("internal error answering %s %s", request.method, shown(request.path))
             result = INTERNAL_ERROR
@@ -1901,6 +2299,18 @@ class Api:
     def time(args, claims, request):
         return Reply(200, b'{"timestamp_ms": %d}' % int(time.time() * 1000))
 
+    def health(self, args, claims, request):
+        """200 while every device answered its latest read, else 503 naming what fails."""
+        node, metrics = self.node, self.metrics
+        failing = set(node.gpu_calls.overdue().values())
+        for failures in (node.gpu_sampler.failures, node.cpu_sampler.failures,
+                         metrics.gpu_failures, metrics.cpu_failures):
+            failing.update(failures.failing.values())
+        if not failing:
+            return HEALTHY
+        message = "; ".join(sorted(failing))
+        return Reply(503, error_body(message), reason=message)
+
     @staticmethod
     def whoami(args, claims, request):
         body = {"sub": claims.sub, "scopes": list(claims.scopes)}
@@ -1911,7 +2321,7 @@ class Api:
         return Reply(200, json_body(body))
 
     def scrape(self, args, claims, request):
-        return self.metrics.render(claims, self.gpus_for(None, claims))
+        return self.metrics.render(claims, self.gpus_for(None, claims), request.caller.gone)
 
     def gpus_for(self, requested, claims, list_unknown=False):
         """The GPU ids a request covers: those it names (403 if the token's gpus claim leaves
@@ -1931,33 +2341,42 @@ class Api:
         def handler(args, claims, request):
             ids = self.gpus_for(args["gpu_ids"], claims)
             values = tuple(args[n] for n in arg_names)
+            if operation == "set_power_limit":
+                out_of_range = self.out_of_range(ids, values[0])
+                if out_of_range:
+                    return errors_reply(out_of_range)
             named = "".join(" %s=%s" % (n, str(v).lower() if isinstance(v, bool) else v)
                             for n, v in zip(arg_names, values))
-            who = request.peer + (" user=" + claims.sub if claims is not None else "")
+            who = request.caller.peer + (" user=" + claims.sub if claims is not None else "")
             jobs = self.node.control.submit(ids, operation, values,
                                             named + " block=%s" % str(args["block"]).lower(), who)
             if not args["block"]:
                 return EMPTY_OK
-            for job in jobs:
-                job.done.wait()
-            return errors_reply({job.gpu: job.error for job in jobs if job.error})
+            outcomes = [(job.gpu, job.outcome(request.caller.gone)) for job in jobs]
+            return errors_reply({gpu: error for gpu, error in outcomes if error is not None})
         return handler
 
-    def gpu_read(self, read):
+    def out_of_range(self, ids, milliwatts):
+        """{gpu: error} for the GPUs whose power limit range (read at startup) excludes
+        milliwatts: refused before anything runs, as NVML would refuse it."""
+        errors = {}
+        for index in ids:
+            limits = self.node.gpu.gpus[index].power_limit_range
+            if limits is not None and not limits[0] <= milliwatts <= limits[1]:
+                errors[index] = DeviceError(
+                    "invalid-argument", "power_limit_mw=%d is outside GPU %d's power limit range, "
+                    "%d to %d mW" % (milliwatts, index, limits[0], limits[1]))
+        return errors
+
+    def gpu_read(self, read, shape):
+        """A handler answering {id: shape(read(id))} for the GPUs a request covers."""
         def handler(args, claims, request):
-            results, errors = {}, {}
-            for index in self.gpus_for(args.get("gpu_ids"), claims):
-                try:
-                    results[str(index)] = read(self.node.gpu, index)
-                except DeviceError as err:
-                    errors[index] = err
-            return errors_reply(errors) if errors else Reply(200, json_body(results))
+            ids = self.gpus_for(args.get("gpu_ids"), claims)
+            results, errors = self.node.gpu_calls.call_all(read, ids, request.caller.gone)
+            if errors:
+                return errors_reply(errors)
+            return Reply(200, json_body({str(i): shape(results[i]) for i in ids}))
         return handler
-
-    @staticmethod
-    def constraints(backend, index):
-        low, high = backend.power_limit_constraints_mw(index)
-        return {"min_power_limit_mw": low, "max_power_limit_mw": high}
 
     def gpu_power(self, args, claims, request):
         ids = self.gpus_for(args.get("gpu_ids"), claims, list_unknown=True)
@@ -2040,35 +2459,46 @@ class Metrics:
         self.paths = frozenset(paths)
         self.lock = threading.Lock()
         self.requests = collections.Counter()  # (path or "other", status) -> requests answered
-        self.failures = FailureLog("metrics:")
+        self.gpu_failures = FailureLog("GPU", "/metrics")
+        self.cpu_failures = FailureLog("CPU", "/metrics")
         self.started = process_start_time()
 
     def count(self, path, status):
         with self.lock:
             self.requests[path if path in self.paths else "other", status] += 1
 
-    def render(self, claims, gpu_ids):
+    def render(self, claims, gpu_ids, gone=None):
+        """A scrape; a token limited to some GPUs is not shown the node-wide counters."""
         page = MetricsPage()
         if "gpu-read" in self.groups and (claims is None or "gpu-read" in claims.scopes):
-            self.gpu_families(page, gpu_ids)
+            self.gpu_families(page, gpu_ids, gone)
         if "cpu-read" in self.groups and (claims is None or "cpu-read" in claims.scopes):
             self.cpu_families(page)
-        self.daemon_families(page)
+        self.daemon_families(page, node_wide=claims is None or claims.gpus is None)
         return Reply(200, page.body(), METRICS_TYPE)
 
-    def reads(self, what, ids, read):
-        """[(id, value)] of the ids whose read succeeds; failures left out and logged once."""
-        results, answered = [], set()
-        for index in ids:
+    def reads(self, what, ids, read, gone):
+        """[(id, value)] of the GPUs whose read succeeds within the bounded wait; failures
+        left out and logged once."""
+        values, errors = self.node.gpu_calls.call_all(read, ids, gone)
+        for index, err in errors.items():
+            self.gpu_failures.failed("%d (%s)" % (index, what), err)
+        self.gpu_failures.answered(["%d (%s)" % (index, what) for index in values])
+        return sorted(values.items())
+
+    def cpu_energy(self):
+        """[(id, (package µJ, DRAM µJ))] of the packages that read; failures logged once."""
+        results = []
+        for package in self.node.cpus:
             try:
-                results.append((index, read(index)))
-                answered.add("%s %d" % (what, index))
+                results.append((package.index, package.read()))
             except DeviceError as err:
-                self.failures.failed("%s %d" % (what, index), err)
-        self.failures.answered(answered)
+                self.cpu_failures.failed(package.index, err)
+            else:
+                self.cpu_failures.answered((package.index,))
         return results
 
-    def gpu_families(self, page, ids):
+    def gpu_families(self, page, ids, gone):
         backend = self.node.gpu
         page.family("zeusd_gpu_info", "gauge", "The GPUs this daemon serves.",
                     [((("gpu", i), ("name", backend.gpus[i].name),
@@ -2082,12 +2512,12 @@ class Metrics:
         page.family("zeusd_gpu_energy_joules_total", "counter",
                     "GPU energy since the driver loaded (NVML total energy).",
                     [((("gpu", i),), mj / 1000.0)
-                     for i, mj in self.reads("energy of GPU", with_counter, backend.energy_mj)])
+                     for i, mj in self.reads("energy", with_counter, backend.energy_mj, gone)])
         page.family("zeusd_gpu_power_limit_watts", "gauge", "GPU power limit.",
                     [((("gpu", i),), mw / 1000.0)
-                     for i, mw in self.reads("power limit of GPU", ids, backend.power_limit_mw)])
-        constraints = self.reads("power limit constraints of GPU", ids,
-                                 backend.power_limit_constraints_mw)
+                     for i, mw in self.reads("power limit", ids, backend.power_limit_mw, gone)])
+        constraints = self.reads("power limit constraints", ids,
+                                 backend.power_limit_constraints_mw, gone)
         for name, position, what in (("min", 0, "Lowest"), ("max", 1, "Highest")):
             page.family("zeusd_gpu_power_limit_%s_watts" % name, "gauge",
                         "%s power limit the GPU accepts." % what,
@@ -2097,7 +2527,7 @@ class Metrics:
         node = self.node
         page.family("zeusd_cpu_info", "gauge", "The RAPL zones (CPU packages, psys) served.",
                     [((("cpu", p.index), ("zone", p.name)), 1) for p in node.cpus])
-        energy = self.reads("energy of CPU", node.cpu_ids, lambda i: node.cpu_by_id[i].read())
+        energy = self.cpu_energy()
         page.family("zeusd_cpu_energy_joules_total", "counter",
                     "RAPL energy, wraparound-corrected.",
                     [((("cpu", i), ("domain", domain)), uj / 1e6) for i, pair in energy
@@ -2109,23 +2539,30 @@ class Metrics:
                      if i in values for domain, mw in zip(("package", "dram"), values[i])
                      if mw is not None])
 
-    def daemon_families(self, page):
+    def daemon_families(self, page, node_wide):
+        """The daemon's own families; node_wide adds the counters of every client's requests
+        and control operations."""
         node = self.node
         page.family("zeusd_build_info", "gauge", "The daemon's version and Python.",
                     [((("version", __version__), ("python", sys.version.split()[0])), 1)])
-        with self.lock:
-            requests = sorted(self.requests.items())
-        page.family("zeusd_http_requests_total", "counter", "HTTP requests answered.",
-                    [((("path", path), ("status", status)), count)
-                     for (path, status), count in requests])
-        page.family("zeusd_stream_subscribers", "gauge", "Open power streams.",
-                    [((("kind", "gpu"),), len(node.gpu_sampler.streams)),
-                     ((("kind", "cpu"),), len(node.cpu_sampler.streams))])
-        operations = sorted(node.control.counts.items()) if node.control else []
-        page.family("zeusd_gpu_control_operations_total", "counter",
-                    "GPU control operations run, by outcome.",
-                    [((("operation", operation), ("result", result)), count)
-                     for (operation, result), count in operations])
+        if node_wide:
+            with self.lock:
+                requests = sorted(self.requests.items())
+            page.family("zeusd_http_requests_total", "counter", "HTTP requests answered.",
+                        [((("path", path), ("status", status)), count)
+                         for (path, status), count in requests])
+            page.family("zeusd_stream_subscribers", "gauge", "Open power streams.",
+                        [((("kind", "gpu"),), len(node.gpu_sampler.streams)),
+                         ((("kind", "cpu"),), len(node.cpu_sampler.streams))])
+            page.family("zeusd_device_read_errors_total", "counter",
+                        "Failed device reads: an error from the device, or no answer in time.",
+                        [((("kind", kind), ("device", device)), count)
+                         for (kind, device), count in READ_ERRORS.items()])
+            operations = sorted(node.control.counts.items()) if node.control else []
+            page.family("zeusd_gpu_control_operations_total", "counter",
+                        "GPU control operations run, by outcome.",
+                        [((("operation", operation), ("result", result)), count)
+                         for (operation, result), count in operations])
         cpu_seconds, rss = process_usage()
         page.family("process_cpu_seconds_total", "counter",
                     "Total user and system CPU time spent in seconds.", [((), cpu_seconds)])
@@ -2207,9 +2644,11 @@ def reply_bytes(reply, connection=b"", head_only=False):
 
 
 TOO_MANY_CONNECTIONS = reply_bytes(Reply(503, error_body("Too many connections")), CLOSE)
+TOO_MANY_FROM_CLIENT = reply_bytes(Reply(503, error_body("Too many connections from this client")),
+                                   CLOSE)
 
 
-def parse_head(head, peer="-"):
+def parse_head(head, caller=None):
     """A Request from a head (request line and header lines, without the empty line)."""
     text = (head[:-1] if head.endswith(b"\r") else head).replace(b"\r\n", b"\n")
     if b"\r" in text:
@@ -2240,7 +2679,7 @@ def parse_head(head, peer="-"):
         else:
             headers[key] += ", " + value
     path, query = split_target(target.decode("latin-1"))
-    return Request(method.decode("ascii"), path, query, version, headers, peer)
+    return Request(method.decode("ascii"), path, query, version, headers, caller)
 
 
 def split_target(target):
@@ -2273,14 +2712,14 @@ class RequestReader:
     """Reads requests off one connection: the head at its first empty line, then the body
     (Content-Length or chunked), discarded; HttpError for anything malformed or over a limit."""
 
-    def __init__(self, sock, peer="-"):
+    def __init__(self, sock, caller=None):
         self.sock = sock
-        self.peer = peer
+        self.caller = caller
         self.buffer = b""
 
     def next_request(self):
         """The next Request, its body consumed; ConnectionClosed if the client goes or idles."""
-        request = parse_head(self.read_head(), self.peer)
+        request = parse_head(self.read_head(), self.caller)
         self.drain_body(request.headers)
         return request
 
@@ -2379,17 +2818,43 @@ class RequestReader:
             self.sock.sendall(CONTINUE)
 
 
-def peer_of(sock, address):
-    """Who is on the other end: `ip:port` over TCP, `uid=U pid=P` over a Unix socket."""
-    if sock.family == socket.AF_UNIX:
-        try:
-            pid, uid, _ = struct.unpack("3i", sock.getsockopt(
-                socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
-            return "uid=%d pid=%d" % (uid, pid)
-        except OSError:
-            return "unix"
-    host, port = address[:2]
-    return "%s:%d" % ("[%s]" % host if ":" in host else host, port)
+class Caller:
+    """Who sent a request, as data for the API: `peer` as logged (`ip:port`, `uid=U pid=P`),
+    the peer's uid and pid over a Unix socket (SO_PEERCRED; None over TCP), and whether it is
+    still connected."""
+
+    __slots__ = ("peer", "uid", "pid", "sock")
+    GONE = select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", 0x2000)
+
+    def __init__(self, sock, address):
+        self.sock = sock
+        self.uid = self.pid = None
+        if sock.family == socket.AF_UNIX:
+            self.pid, self.uid = address if address else (None, None)
+            self.peer = "unix" if self.uid is None else "uid=%d pid=%d" % (self.uid, self.pid)
+        else:
+            self.peer = "%s:%d" % (bracketed(address[0]), address[1])
+
+    def gone(self):
+        """Whether the client has closed the connection (asked without reading from it)."""
+        poller = select.poll()
+        poller.register(self.sock, self.GONE)
+        return bool(poller.poll(0))
+
+
+def peer_credentials(sock):
+    """(pid, uid) of a Unix socket's peer, or None where the kernel does not say."""
+    try:
+        pid, uid, _ = struct.unpack("3i", sock.getsockopt(
+            socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+        return pid, uid
+    except OSError:
+        return None
+
+
+def bracketed(host):
+    """An IPv6 host in brackets, as URLs and HOST:PORT strings want it; others as they are."""
+    return "[%s]" % host if ":" in host else host
 
 
 def linger(sock):
@@ -2415,8 +2880,9 @@ class HttpConnection(socketserver.BaseRequestHandler):
 
     def setup(self):
         self.sock = self.request
-        self.peer = peer_of(self.sock, self.client_address)
-        self.reader = RequestReader(self.sock, self.peer)
+        self.caller = Caller(self.sock, self.client_address)
+        self.peer = self.caller.peer
+        self.reader = RequestReader(self.sock, self.caller)
         self.api = self.server.api
         if self.sock.family != socket.AF_UNIX:
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -2425,7 +2891,7 @@ class HttpConnection(socketserver.BaseRequestHandler):
         try:
             while self.serve_one():
                 pass
-        except (OSError, ConnectionClosed):
+        except (OSError, ConnectionClosed, CallerGone):
             pass
 
     def serve_one(self):
@@ -2436,7 +2902,8 @@ class HttpConnection(socketserver.BaseRequestHandler):
             self.sock.sendall(reply_bytes(error_reply(err), CLOSE))
             self.api.metrics.count(None, err.status)
             if log.isEnabledFor(logging.INFO):
-                log_fast("%s - - %d: %s" % (self.peer, err.status, err.message))
+                REQUEST_LINES.write(err.status, "%s - - %d: %s" % (self.peer, err.status,
+                                                                   err.message))
             linger(self.sock)
             return False
         started = time.monotonic()
@@ -2455,7 +2922,7 @@ class HttpConnection(socketserver.BaseRequestHandler):
             self.sock.sendall(reply_bytes(result, connection, request.method == "HEAD"))
         self.api.metrics.count(request.path, status)
         if log.isEnabledFor(logging.INFO):
-            log_fast("%s%s %s %s%s %d %.2fms%s" % (
+            REQUEST_LINES.write(status, "%s%s %s %s%s %d %.2fms%s" % (
                 self.peer, " user=" + user if user else "", request.method, shown(request.path),
                 "?" + shown(request.query) if request.query else "", status,
                 (time.monotonic() - started) * 1000, ": " + reason if reason else ""))
@@ -2509,10 +2976,10 @@ class Rejecter:
         self.arrived = threading.Condition(self.lock)
         self.thread = threading.Thread(target=self.run, name="rejecter", daemon=True)
 
-    def reject(self, sock):
+    def reject(self, sock, answer):
         try:
             sock.setblocking(False)
-            sock.send(TOO_MANY_CONNECTIONS)
+            sock.send(answer)
             sock.shutdown(socket.SHUT_WR)
         except OSError:
             sock.close()
@@ -2564,10 +3031,12 @@ class ConnectionCap(socketserver.ThreadingMixIn):
     daemon_threads = True
     request_queue_size = 1024
 
-    def setup_cap(self, api, max_connections):
+    def setup_cap(self, api, max_connections, per_client):
         self.api = api
         self.max_connections = max_connections
+        self.per_client = per_client
         self.active = 0
+        self.by_client = collections.Counter()  # uid (UDS) or IP (TCP) -> open connections
         self.streams = 0
         self.out_of_descriptors = False
         self.rejected = 0
@@ -2593,36 +3062,55 @@ class ConnectionCap(socketserver.ThreadingMixIn):
             log.info("accepting connections again")
         return accepted
 
+    def client_of(self, request, client_address):
+        """(the address the handler gets, the client's key for its fair share or None)."""
+        if request.family != socket.AF_UNIX:
+            return client_address, client_address[0]
+        credentials = peer_credentials(request)
+        return credentials, (credentials[1] if credentials and credentials[1] != 0 else None)
+
     def process_request(self, request, client_address):
-        """Serve the connection on a thread of its own if the cap allows, else reject it."""
+        """Serve the connection on a thread of its own if the cap and the client's share allow,
+        else reject it."""
+        client_address, client = self.client_of(request, client_address)
         with self.count_lock:
             admitted = self.active < self.max_connections
-            if admitted:
+            fair = client is None or self.by_client[client] < self.per_client
+            if admitted and fair:
                 self.active += 1
-        if admitted:
+                if client is not None:
+                    self.by_client[client] += 1
+        if admitted and fair:
             try:
-                threading.Thread(target=self.serve_counted, args=(request, client_address),
-                                 daemon=True).start()
+                threading.Thread(target=self.serve_counted,
+                                 args=(request, client_address, client), daemon=True).start()
                 return
             except RuntimeError:
-                self.release()
-        self.rejecter.reject(request)
+                self.release(client)
+        over_share = admitted and not fair
+        self.rejecter.reject(request, TOO_MANY_FROM_CLIENT if over_share else TOO_MANY_CONNECTIONS)
         self.rejected += 1
         now = time.monotonic()
         if now - self.last_rejection_log >= 1.0:
-            log.warning("refused %d connection(s): %d connections open (--max-connections)",
-                        self.rejected, self.max_connections)
+            log.warning("refused %d connection(s): %s", self.rejected,
+                        "client %s has %d connections open (--max-connections-per-client)"
+                        % (client, self.per_client) if over_share else
+                        "%d connections open (--max-connections)" % self.max_connections)
             self.rejected, self.last_rejection_log = 0, now
 
-    def serve_counted(self, request, client_address):
+    def serve_counted(self, request, client_address, client):
         try:
             self.process_request_thread(request, client_address)
         finally:
-            self.release()
+            self.release(client)
 
-    def release(self):
+    def release(self, client):
         with self.count_lock:
             self.active -= 1
+            if client is not None:
+                self.by_client[client] -= 1
+                if not self.by_client[client]:
+                    del self.by_client[client]
 
     def handle_error(self, request, client_address):
         log.exception("error on a connection")
@@ -2648,24 +3136,24 @@ class TcpServer(ConnectionCap, socketserver.TCPServer):
 
     allow_reuse_address = True
 
-    def __init__(self, family, address, api, max_connections):
+    def __init__(self, family, address, api, max_connections, per_client):
         self.address_family = family
-        self.setup_cap(api, max_connections)
+        self.setup_cap(api, max_connections, per_client)
         socketserver.TCPServer.__init__(self, address, HttpConnection)
 
     def describe(self):
         host, port = self.server_address[:2]
-        return "http://%s:%d" % ("[%s]" % host if ":" in host else host, port)
+        return "http://%s:%d" % (bracketed(host), port)
 
 
 class UnixServer(ConnectionCap, socketserver.UnixStreamServer):
     """The API on a Unix socket that has its final mode and owner before it listens."""
 
-    def __init__(self, path, permissions, uid, gid, api, max_connections):
+    def __init__(self, path, permissions, uid, gid, api, max_connections, per_client):
         self.path = path
         self.permissions = permissions
         self.owner = (-1 if uid is None else uid, -1 if gid is None else gid)
-        self.setup_cap(api, max_connections)
+        self.setup_cap(api, max_connections, per_client)
         socketserver.UnixStreamServer.__init__(self, path, HttpConnection)
 
     def server_bind(self):
@@ -2726,10 +3214,6 @@ def bind_unix_socket(sock, path, mode, owner):
 
 def claim_socket_path(path):
     """Make path free for a new socket: remove a dead socket, refuse a live one or a non-socket."""
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise StartupError("cannot create the socket %s: directory %s does not exist"
-                           % (path, parent))
     try:
         mode = os.lstat(path).st_mode
     except FileNotFoundError:
@@ -2753,19 +3237,65 @@ def claim_socket_path(path):
                        "--socket-path" % path)
 
 
+def lock_socket_path(path):
+    """An exclusive lock on `.<name>.lock` beside the socket, held for the daemon's life, so
+    that of two daemons started at once on one path exactly one goes on to serve."""
+    parent, name = os.path.split(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise StartupError("cannot create the socket %s: directory %s does not exist"
+                           % (path, parent))
+    lock_path = os.path.join(parent, "." + name + ".lock")
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as err:
+        raise StartupError("cannot create the lock file %s for the socket %s: %s"
+                           % (lock_path, path, err.strerror or err))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise StartupError("the lock file %s is not a regular file" % lock_path)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise StartupError("another daemon is listening on %s (or starting on it); stop it "
+                           "first, or choose another --socket-path" % path)
+    except StartupError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def make_default_socket_directory(path):
+    """Create /run/zeusd (0755) when the socket path is the default and it is missing."""
+    parent = os.path.dirname(path)
+    if path == DEFAULT_SOCKET_PATH and not os.path.isdir(parent):
+        try:
+            os.mkdir(parent, 0o755)
+            os.chmod(parent, 0o755)
+        except FileExistsError:
+            pass
+        except OSError as err:
+            raise StartupError("cannot create %s for the default socket: %s"
+                               % (parent, err.strerror or err))
+
+
 def open_server(args, api):
+    per_client = args.max_connections_per_client or max(1, args.max_connections // 4)
     if args.mode == "uds":
+        make_default_socket_directory(args.socket_path)
+        lock_fd = lock_socket_path(args.socket_path)
         claim_socket_path(args.socket_path)
         try:
-            return UnixServer(args.socket_path, args.socket_permissions, args.socket_uid,
-                              args.socket_gid, api, args.max_connections)
+            server = UnixServer(args.socket_path, args.socket_permissions, args.socket_uid,
+                                args.socket_gid, api, args.max_connections, per_client)
         except OSError as err:
             raise StartupError("cannot listen on %s: %s" % (args.socket_path, err))
+        server.lock_fd = lock_fd  # held, never closed: the lock lasts as long as the daemon
+        return server
     host, port = args.tcp_bind_address
     shown_address = "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
     try:
         family, _, _, _, address = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)[0]
-        return TcpServer(family, address, api, args.max_connections)
+        return TcpServer(family, address, api, args.max_connections, per_client)
     except OSError as err:
         raise StartupError("cannot listen on %s: %s" % (shown_address, err.strerror or err))
 
@@ -2786,7 +3316,11 @@ def raise_file_limit(wanted):
 
 # ---- Status: `zeusd status`, a terminal view of a running daemon's devices ----
 
-STATUS_TIMEOUT_S = 10.0
+STATUS_TIMEOUT_S = 10.0  # the default for everything one table needs
+STATUS_MAX_HEAD = 65536
+STATUS_MAX_BODY = 1 << 20
+STREAM_SILENCE_S = 20.0  # a stream quiet for longer than this (keep-alives come every 15 s) is lost
+RECONNECT_S = 1.0
 CLEAR_SCREEN = "\x1b[H\x1b[J"
 
 
@@ -2794,178 +3328,330 @@ class StatusError(Exception):
     """The daemon could not be reached or refused; main prints it on one line and exits 1."""
 
 
-class UnixHTTPConnection(http.client.HTTPConnection):
-    """http.client over a Unix socket."""
+def printable(value, limit=200):
+    """Text from the daemon as it may reach a terminal: printable characters only (no escape
+    sequences: no clipboard writes, title changes or screen clears), at most limit of them."""
+    text = "".join(char if char.isprintable() else "?" for char in str(value)[:limit])
+    return text
 
-    def __init__(self, path, timeout):
-        http.client.HTTPConnection.__init__(self, "localhost", timeout=timeout)
-        self.socket_path = path
 
-    def connect(self):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        self.sock.connect(self.socket_path)
+class HttpReader:
+    """Reads one HTTP/1.1 response off a socket within bounds: a head of at most 64 KiB, a body
+    of at most 1 MiB, every read before the deadline (a monotonic time, or None for streams,
+    whose lines are then read within STREAM_SILENCE_S)."""
+
+    def __init__(self, sock, where, deadline):
+        self.sock = sock
+        self.where = where
+        self.deadline = deadline
+        self.buffer = b""
+
+    def fill(self):
+        timeout = STREAM_SILENCE_S if self.deadline is None else \
+            self.deadline - time.monotonic()
+        if timeout <= 0:
+            raise StatusError("the daemon at %s did not answer in time" % self.where)
+        self.sock.settimeout(timeout)
+        try:
+            chunk = self.sock.recv(65536)
+        except socket.timeout:
+            raise StatusError("the daemon at %s did not answer in time" % self.where)
+        except OSError as err:
+            raise StatusError("lost the connection to %s: %s" % (self.where,
+                                                                  err.strerror or err))
+        if not chunk:
+            raise StatusError("the daemon at %s closed the connection" % self.where)
+        self.buffer += chunk
+
+    def until(self, separator, limit, what):
+        while separator not in self.buffer:
+            if len(self.buffer) > limit:
+                raise StatusError("the daemon at %s sent %s longer than %d bytes"
+                                  % (self.where, what, limit))
+            self.fill()
+        data, _, self.buffer = self.buffer.partition(separator)
+        return data
+
+    def head(self):
+        """(status, {lower-case name: value}) of the response."""
+        lines = self.until(b"\r\n\r\n", STATUS_MAX_HEAD, "a response head").decode(
+            "latin-1").split("\r\n")
+        parts = lines[0].split(" ", 2)
+        if len(parts) < 2 or not parts[0].startswith("HTTP/") or not DIGITS.fullmatch(parts[1]):
+            raise StatusError("the daemon at %s sent no HTTP response" % self.where)
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        return int(parts[1]), headers
+
+    def body(self, headers):
+        length = headers.get("content-length", "")
+        if not CONTENT_LENGTH.fullmatch(length) or int(length) > STATUS_MAX_BODY:
+            raise StatusError("the daemon at %s sent a body of %s bytes; at most %d are read"
+                              % (self.where, printable(length, 20) or "unknown", STATUS_MAX_BODY))
+        while len(self.buffer) < int(length):
+            self.fill()
+        return self.buffer[:int(length)]
+
+    def line(self):
+        return self.until(b"\n", STATUS_MAX_HEAD, "a stream line").rstrip(b"\r")
 
 
 class DaemonClient:
-    """GET requests to a daemon over its Unix socket or TCP, with an optional token."""
+    """GET requests to a daemon over its Unix socket or TCP, with an optional token; each
+    answer read within bounds and the deadline it is given."""
 
-    def __init__(self, socket_path, tcp_address, token):
+    def __init__(self, socket_path, tcp_address, token, timeout=STATUS_TIMEOUT_S):
         self.socket_path = socket_path
         self.tcp_address = tcp_address
-        self.headers = {"Authorization": "Bearer " + token} if token else {}
-        self.where = ("http://%s:%d" % tcp_address) if tcp_address else "unix:" + socket_path
+        self.token = token
+        self.timeout = timeout
+        self.where = ("http://%s:%d" % (bracketed(tcp_address[0]), tcp_address[1])
+                      if tcp_address else "unix:" + socket_path)
         self.server = "?"
 
-    def connect(self, timeout=STATUS_TIMEOUT_S):
-        if self.tcp_address:
-            return http.client.HTTPConnection(*self.tcp_address, timeout=timeout)
-        return UnixHTTPConnection(self.socket_path, timeout)
-
-    def open(self, path, timeout=STATUS_TIMEOUT_S):
-        """The response to GET path (status 200), its connection still open for streams."""
-        connection = self.connect(timeout)
+    def connect(self, deadline):
         try:
-            connection.request("GET", path, headers=self.headers)
-            response = connection.getresponse()
-        except (OSError, http.client.HTTPException) as err:
-            connection.close()
-            raise StatusError("cannot reach the daemon at %s: %s" % (self.where, err))
-        self.server = response.getheader("Server", "?")
-        if response.status != 200:
-            body = response.read().decode("utf-8", "replace")
-            connection.close()
-            try:
-                message = json.loads(body)
-                message = message.get("error") or message.get("errors")
-            except ValueError:
-                message = body[:200]
-            raise StatusError("%s answered %d to GET %s: %s" % (self.where, response.status,
-                                                                 path, message))
-        return response
+            if self.tcp_address:
+                sock = socket.create_connection(self.tcp_address,
+                                                max(0.1, deadline - time.monotonic()))
+            else:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.settimeout(max(0.1, deadline - time.monotonic()))
+                try:
+                    sock.connect(self.socket_path)
+                except OSError:
+                    sock.close()
+                    raise
+        except PermissionError:
+            raise StatusError(self.permission_denied())
+        except OSError as err:
+            raise StatusError("cannot reach the daemon at %s: %s"
+                              % (self.where, err.strerror or err))
+        return sock
 
-    def get(self, path):
-        response = self.open(path)
+    def permission_denied(self):
+        """Why the socket may not be opened: its mode and group, and what to ask for."""
         try:
-            return json.loads(response.read().decode("utf-8"))
+            info = os.stat(self.socket_path)
+        except OSError:
+            return ("permission denied on %s: a directory on its path is not searchable by you"
+                    % self.where)
+        try:
+            group = grp.getgrgid(info.st_gid).gr_name
+        except KeyError:
+            group = str(info.st_gid)
+        return ("permission denied on %s (mode %04o, group '%s'): ask to be added to group '%s', "
+                "or have the daemon started with --socket-permissions 666"
+                % (self.where, info.st_mode & 0o7777, group, group))
+
+    def open(self, path, deadline):
+        """(status, headers, reader) of GET path, the connection left open for the body."""
+        sock = self.connect(deadline)
+        reader = HttpReader(sock, self.where, deadline)
+        try:
+            sock.sendall(("GET %s HTTP/1.1\r\nHost: zeusd\r\nConnection: close\r\n%s\r\n" % (
+                path, "Authorization: Bearer %s\r\n" % self.token if self.token else "")
+            ).encode("latin-1"))
+            status, headers = reader.head()
+        except OSError as err:
+            sock.close()
+            raise StatusError("lost the connection to %s: %s" % (self.where, err.strerror or err))
+        except StatusError:
+            sock.close()
+            raise
+        self.server = printable(headers.get("server", "?"), 40)
+        return status, headers, reader
+
+    def get(self, path, deadline):
+        """The JSON answer to GET path; StatusError naming the daemon's error otherwise."""
+        status, headers, reader = self.open(path, deadline)
+        try:
+            body = reader.body(headers)
         finally:
-            response.close()
+            reader.sock.close()
+        try:
+            value = json.loads(body.decode("utf-8", "replace"))
+        except (ValueError, RecursionError):
+            value = None
+        if status != 200:
+            message = value.get("error") or value.get("errors") if isinstance(value, dict) \
+                else body[:200].decode("utf-8", "replace")
+            raise StatusError("%s answered %d to GET %s: %s" % (self.where, status, path,
+                                                                printable(message)))
+        if not isinstance(value, dict):
+            raise StatusError("%s answered GET %s with something other than a JSON object"
+                              % (self.where, path))
+        return value
 
-    def get_or_none(self, path, notes):
+    def get_or_none(self, path, deadline, notes):
         """The JSON answer, or None with the reason added to notes."""
         try:
-            return self.get(path)
+            return self.get(path, deadline)
         except StatusError as err:
             notes.append(str(err))
             return None
 
 
-def node_status(client, gpu_power=None, cpu_power=None):
-    """The node's devices and their readings: (discovery, readings by kind, notes). Power comes
-    from the streams when given, else from one get_power each."""
-    discovery, notes = client.get("/discover"), []
-    gpus = discovery.get("gpus") or [{"id": i, "name": "?"} for i in discovery["gpu_ids"]]
-    cpus = discovery.get("cpus") or [{"id": i, "name": "?"} for i in discovery["cpu_ids"]]
+def listed(value):
+    return value if isinstance(value, list) else []
+
+
+def node_status(client, streams=None):
+    """(GPUs, CPUs, readings by kind, notes) of the node, within the client's timeout. The GPUs
+    are those the token may see. Power comes from the streams when given (None for a device
+    that failed or a stream that is lost), else from one get_power each."""
+    deadline = time.monotonic() + client.timeout
+    discovery, notes = client.get("/discover", deadline), []
+    gpus = [gpu for gpu in listed(discovery.get("gpus")) if isinstance(gpu, dict)]
+    cpus = [cpu for cpu in listed(discovery.get("cpus")) if isinstance(cpu, dict)]
+    if discovery.get("auth_required"):
+        if not client.token:
+            raise StatusError("the daemon at %s requires a token: set ZEUSD_TOKEN (or pass "
+                              "--token)" % client.where)
+        allowed = client.get("/auth/whoami", deadline).get("gpus")
+        if isinstance(allowed, list):
+            gpus = [gpu for gpu in gpus if gpu.get("id") in allowed]
     readings = {"gpu": {}, "cpu": {}}
     if gpus:
-        power = gpu_power
-        if power is None:
-            power = (client.get_or_none("/gpu/get_power", notes) or {}).get("power_mw", {})
-        energy = client.get_or_none("/gpu/get_cumulative_energy?gpu_ids=%s" % ",".join(
-            str(g["id"]) for g in gpus if g.get("cumulative_energy_available", True)), notes) \
-            if any(g.get("cumulative_energy_available", True) for g in gpus) else {}
-        limits = client.get_or_none("/gpu/get_power_limit", notes) or {}
+        ids = ",".join(str(gpu.get("id")) for gpu in gpus)
+        answer = client.get_or_none("/gpu/get_power?gpu_ids=" + ids, deadline, notes) or {}
+        power = answer.get("power_mw") or {}
+        if streams and streams.get("gpu"):
+            power = streams["gpu"].current(power)
+        with_energy = [str(g.get("id")) for g in gpus if g.get("cumulative_energy_available")]
+        energy = client.get_or_none("/gpu/get_cumulative_energy?gpu_ids=" + ",".join(
+            with_energy), deadline, notes) or {} if with_energy else {}
+        limits = client.get_or_none("/gpu/get_power_limit?gpu_ids=" + ids, deadline,
+                                    notes) or {}
         for gpu in gpus:
-            key = str(gpu["id"])
-            readings["gpu"][key] = (power.get(key), ((energy or {}).get(key) or {}).get(
-                "energy_mj"), limits.get(key, {}).get("power_limit_mw"))
+            key = str(gpu.get("id"))
+            readings["gpu"][key] = (power.get(key), (energy.get(key) or {}).get("energy_mj"),
+                                    (limits.get(key) or {}).get("power_limit_mw"))
     if cpus:
-        power = cpu_power
-        if power is None:
-            power = (client.get_or_none("/cpu/get_power", notes) or {}).get("power_mw", {})
-        energy = client.get_or_none("/cpu/get_cumulative_energy?cpu=true&dram=true", notes) or {}
+        answer = client.get_or_none("/cpu/get_power", deadline, notes) or {}
+        power = answer.get("power_mw") or {}
+        if streams and streams.get("cpu"):
+            power = streams["cpu"].current(power)
+        energy = client.get_or_none("/cpu/get_cumulative_energy?cpu=true&dram=true", deadline,
+                                    notes) or {}
         for cpu in cpus:
-            key = str(cpu["id"])
+            key = str(cpu.get("id"))
             readings["cpu"][key] = (power.get(key) or {}, energy.get(key) or {})
     return gpus, cpus, readings, notes
 
 
 def scaled(value, divisor, width):
-    return ("%*.1f" % (width, value / divisor)) if isinstance(value, (int, float)) \
+    return ("%*.1f" % (width, value / divisor)) if type(value) in (int, float) \
         else "%*s" % (width, "-")
 
 
 def status_table(client, gpus, cpus, readings, notes):
-    lines = ["%s at %s  %s" % (client.server, client.where, time.strftime("%Y-%m-%d %H:%M:%S"))]
+    lines = ["%s at %s  %s" % (client.server, printable(client.where),
+                               time.strftime("%Y-%m-%d %H:%M:%S"))]
     if gpus:
         lines.append("%-4s %-28s %9s %13s %9s" % ("GPU", "NAME", "POWER W", "ENERGY J",
                                                    "LIMIT W"))
         for gpu in gpus:
-            power, energy, limit = readings["gpu"][str(gpu["id"])]
-            lines.append("%-4s %-28s %s %s %s" % (gpu["id"], gpu.get("name", "?")[:28],
-                                                  scaled(power, 1000.0, 9),
-                                                  scaled(energy, 1000.0, 13),
-                                                  scaled(limit, 1000.0, 9)))
+            power, energy, limit = readings["gpu"][str(gpu.get("id"))]
+            lines.append("%-4s %-28s %s %s %s" % (
+                printable(gpu.get("id"), 4), printable(gpu.get("name", "?"), 28),
+                scaled(power, 1000.0, 9), scaled(energy, 1000.0, 13), scaled(limit, 1000.0, 9)))
     if cpus:
         lines.append("%-4s %-12s %9s %9s %13s %13s" % ("CPU", "ZONE", "POWER W", "DRAM W",
                                                          "ENERGY J", "DRAM J"))
         for cpu in cpus:
-            power, energy = readings["cpu"][str(cpu["id"])]
+            power, energy = readings["cpu"][str(cpu.get("id"))]
             lines.append("%-4s %-12s %s %s %s %s" % (
-                cpu["id"], cpu.get("name", "?")[:12], scaled(power.get("cpu_mw"), 1000.0, 9),
-                scaled(power.get("dram_mw"), 1000.0, 9),
+                printable(cpu.get("id"), 4), printable(cpu.get("name", "?"), 12),
+                scaled(power.get("cpu_mw"), 1000.0, 9), scaled(power.get("dram_mw"), 1000.0, 9),
                 scaled(energy.get("cpu_energy_uj"), 1e6, 13),
                 scaled(energy.get("dram_energy_uj"), 1e6, 13)))
     if not gpus and not cpus:
         lines.append("no GPUs or CPUs served")
-    lines.extend("note: " + note for note in notes)
+    lines.extend("note: " + printable(note, 300) for note in notes)
     return "\n".join(lines) + "\n"
 
 
 class StreamFollower:
-    """Keeps the latest power of every device from a daemon's stream, either event shape."""
+    """Keeps the latest power of every device from a daemon's stream (either event shape), on a
+    thread that reconnects when the stream is lost (the daemon restarted, say)."""
 
     def __init__(self, client, path, id_key, value_of):
-        self.latest = {}
+        self.client = client
+        self.path = path
         self.id_key = id_key
         self.value_of = value_of
-        self.response = client.open(path, timeout=None)
+        self.latest = {}
+        self.connected = False
         threading.Thread(target=self.follow, name="status-stream", daemon=True).start()
 
     def follow(self):
+        while True:
+            try:
+                status, _, reader = self.client.open(self.path,
+                                                     time.monotonic() + self.client.timeout)
+                if status == 200:
+                    reader.deadline = None
+                    self.connected = True
+                    self.read_events(reader)
+            except StatusError:
+                pass
+            self.connected = False
+            self.latest = {}
+            time.sleep(RECONNECT_S)
+
+    def read_events(self, reader):
         try:
-            for line in self.response:
-                if line.startswith(b"data: "):
-                    event = json.loads(line[6:].decode("utf-8"))
-                    if self.id_key in event:
-                        self.latest[str(event[self.id_key])] = self.value_of(event)
-                    else:
-                        self.latest.update(event.get("power_mw", {}))
-        except (OSError, ValueError, http.client.HTTPException):
-            pass
+            while True:
+                line = reader.line()
+                if not line.startswith(b"data: "):
+                    continue
+                try:
+                    event = json.loads(line[6:].decode("utf-8", "replace"))
+                except (ValueError, RecursionError):
+                    continue
+                if not isinstance(event, dict):
+                    continue
+                if self.id_key in event:
+                    self.latest[str(event[self.id_key])] = self.value_of(event)
+                elif isinstance(event.get("power_mw"), dict):
+                    self.latest = dict(self.latest, **event["power_mw"])
+        finally:
+            reader.sock.close()
+
+    def current(self, answered):
+        """The streamed values of the devices that one get_power just answered for: a device it
+        names as failing, or every device while the stream is lost, has no value."""
+        if not self.connected:
+            return {}
+        return {key: value for key, value in self.latest.items() if key in answered}
 
 
 def status(args):
     """Print the node's table once, or redraw it every --watch seconds from the streams."""
     token = args.token or os.environ.get("ZEUSD_TOKEN")
-    client = DaemonClient(args.socket_path, args.tcp, token)
+    socket_path = args.socket_path or os.environ.get("ZEUSD_SOCK_PATH") or DEFAULT_SOCKET_PATH
+    client = DaemonClient(socket_path, args.tcp, token, args.timeout)
     if args.watch is None:
         sys.stdout.write(status_table(client, *node_status(client)))
         return 0
-    gpus, cpus, _, _ = node_status(client)
-    gpu_stream = cpu_stream = None
-    if gpus:
-        gpu_stream = StreamFollower(client, "/gpu/stream_power", "gpu_id",
-                                    lambda event: event["power_mw"])
-    if cpus:
-        cpu_stream = StreamFollower(client, "/cpu/stream_power", "cpu_id", lambda event: {
-            "cpu_mw": event["cpu_mw"], "dram_mw": event.get("dram_mw")})
+    streams = {
+        "gpu": StreamFollower(client, "/gpu/stream_power", "gpu_id",
+                              lambda event: event.get("power_mw")),
+        "cpu": StreamFollower(client, "/cpu/stream_power", "cpu_id", lambda event: {
+            "cpu_mw": event.get("cpu_mw"), "dram_mw": event.get("dram_mw")})}
     clear = CLEAR_SCREEN if sys.stdout.isatty() else "\n"
     try:
         while True:
-            view = node_status(client, gpu_stream and dict(gpu_stream.latest),
-                               cpu_stream and dict(cpu_stream.latest))
-            sys.stdout.write(clear + status_table(client, *view))
+            try:
+                table = status_table(client, *node_status(client, streams))
+            except StatusError as err:
+                table = "%s  %s\n%s; retrying every %g s\n" % (
+                    printable(client.where), time.strftime("%Y-%m-%d %H:%M:%S"),
+                    printable(err, 300), args.watch)
+            sys.stdout.write(clear + table)
             sys.stdout.flush()
             time.sleep(args.watch)
     except KeyboardInterrupt:
@@ -3062,9 +3748,10 @@ def build_parser():
     serve.add_argument("--mode", choices=("uds", "tcp"), default="uds",
                        help="Operating mode: UDS or TCP [default: uds]\n"
                             "  - uds: Unix domain socket\n  - tcp: TCP")
-    serve.add_argument("--socket-path", default="/var/run/zeusd.sock",
-                       help="[UDS mode] Path to the socket Zeusd will listen on\n"
-                            "[default: /var/run/zeusd.sock]")
+    serve.add_argument("--socket-path", default=DEFAULT_SOCKET_PATH,
+                       help="[UDS mode] Path to the socket Zeusd will listen on; /run/zeusd is "
+                            "created\nwhen it is the default and missing [default: %s]"
+                            % DEFAULT_SOCKET_PATH)
     serve.add_argument("--socket-permissions", type=octal_mode_arg, default=0o666,
                        metavar="SOCKET_PERMISSIONS",
                        help="[UDS mode] Permissions for the socket file to be created\n"
@@ -3096,9 +3783,14 @@ def build_parser():
     serve.add_argument("--max-connections", type=int_range_arg(1, 1000000), default=1024,
                        help="Most connections served at once; one more is answered 503\n"
                             "[default: 1024]")
-    serve.add_argument("--stream-format", choices=STREAM_FORMATS, default="all-devices",
+    serve.add_argument("--max-connections-per-client", type=int_range_arg(1, 1000000),
+                       metavar="N",
+                       help="Most connections one client (a uid over UDS, an IP address over "
+                            "TCP; uid 0 is\nexempt) may have open at once, streams included "
+                            "[default: a quarter of\n--max-connections]")
+    serve.add_argument("--stream-format", choices=STREAM_FORMATS, default="per-device",
                        help="Shape of the SSE events of the stream endpoints [default: "
-                            "all-devices]\n"
+                            "per-device]\n"
                             "  - all-devices: one event per sample with every selected device "
                             "(zeusd 0.4,\n    Zeus 0.15)\n"
                             "  - per-device:  one event per device and sample (zeusd 0.5+, "
@@ -3139,11 +3831,16 @@ def build_parser():
                     "GPUs, power and energy of the CPU packages and DRAM",
         formatter_class=fmt)
     where = status_parser.add_mutually_exclusive_group()
-    where.add_argument("--socket-path", default="/var/run/zeusd.sock",
-                       help="The daemon's Unix socket [default: /var/run/zeusd.sock]")
+    where.add_argument("--socket-path",
+                       help="The daemon's Unix socket [default: $ZEUSD_SOCK_PATH, else %s]"
+                            % DEFAULT_SOCKET_PATH)
     where.add_argument("--tcp", type=tcp_address_arg, metavar="HOST:PORT",
                        help="The daemon's TCP address instead, e.g. node1:4938")
     status_parser.add_argument("--token", help="Bearer token [default: $ZEUSD_TOKEN]")
+    status_parser.add_argument("--timeout", type=float, default=STATUS_TIMEOUT_S,
+                               metavar="SECONDS",
+                               help="Longest wait for everything one table needs [default: %g]"
+                                    % STATUS_TIMEOUT_S)
     status_parser.add_argument("--watch", type=float, nargs="?", const=1.0, metavar="SECONDS",
                                help="Redraw every SECONDS (default 1) from the daemon's streams, "
                                     "until Ctrl-C")
@@ -3233,9 +3930,10 @@ def serve(args, groups):
     threading.Thread(target=server.serve_forever, args=(ACCEPT_POLL_S,), name="accept",
                      daemon=True).start()
     log.info("zeusd %s listening on %s | API groups: %s | GPUs: %d | CPUs: %d (DRAM: %d) | "
-             "auth: %s", __version__, server.describe(), ",".join(groups), len(node.gpu_ids),
-             len(node.cpu_ids), sum(1 for p in node.cpus if p.dram),
-             "on" if authenticator else "off")
+             "auth: %s | streams: %s (%s)", __version__, server.describe(), ",".join(groups),
+             len(node.gpu_ids), len(node.cpu_ids), sum(1 for p in node.cpus if p.dram),
+             "on" if authenticator else "off", args.stream_format,
+             STREAM_FORMAT_CLIENTS[args.stream_format])
     while True:
         received = signal.sigwait(SIGNALS)
         if received != signal.SIGHUP:
