@@ -713,9 +713,10 @@ def test_version_and_help_at_every_level():
     for flag in ("--mode", "--socket-path", "--socket-permissions", "--socket-uid", "--socket-gid",
                  "--tcp-bind-address", "--num-workers", "--gpu-power-poll-hz",
                  "--cpu-power-poll-hz", "--enable", "--signing-key-path", "--max-connections",
-                 "--rapl-dir"):
+                 "--rapl-dir", "--max-connections-per-client", "--stream-format"):
         assert flag in out
-    assert "[default: /var/run/zeusd.sock]" in out and "[default: 127.0.0.1:4938]" in out
+    assert "[default: /run/zeusd/zeusd.sock]" in out and "[default: 127.0.0.1:4938]" in out
+    assert "[default: per-device]" in out
     status, out, _ = run_cli("token", "issue", "--help")
     assert status == 0 and "--expires" in out and "--scope" in out
 
@@ -1015,6 +1016,43 @@ def test_sigterm_during_a_slow_nvml_init_exits_at_once(node, start):
 def test_service_unit_reloads_with_sighup():
     with open(os.path.join(HERE, "zeusd.service")) as unit:
         assert "ExecReload=/bin/kill -HUP $MAINPID" in unit.read().splitlines()
+
+
+def test_service_unit_reads_the_rust_daemons_defaults_file_first():
+    with open(os.path.join(HERE, "zeusd.service")) as unit:
+        lines = unit.read().splitlines()
+    files = [line for line in lines if line.startswith("EnvironmentFile=")]
+    assert files == ["EnvironmentFile=-/etc/default/zeusd", "EnvironmentFile=-/etc/zeusd/zeusd.env"]
+    assert "ExecStart=/usr/local/bin/zeusd serve $ZEUSD_ARGS" in lines
+    assert "NoNewPrivileges=yes" in lines
+
+
+@pytest.mark.skipif(not IS_ROOT or not shutil.which("sudo") or not shutil.which("setpriv"),
+                    reason="needs root, sudo and setpriv")
+def test_sudo_needs_these_capabilities_in_the_bounding_set():
+    """The README's advice for override commands that use sudo under zeusd.service: sudo needs
+    no NoNewPrivileges, and CAP_SETUID, CAP_SETGID and CAP_AUDIT_WRITE in the bounding set."""
+    rule = "/etc/sudoers.d/zeusd-test-%d" % os.getpid()
+    with open(rule, "w") as rule_file:
+        rule_file.write("nobody ALL=(root) NOPASSWD: /bin/true\n")
+    os.chmod(rule, 0o440)
+
+    def sudo(capabilities, *flags):
+        result = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all",
+             "--bounding-set=-all" + "".join(",+" + c for c in capabilities)] + list(flags) +
+            ["sudo", "-n", "/bin/true"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, timeout=TIMEOUT)
+        return result.returncode, result.stderr.decode()
+    needed = ("setuid", "setgid", "audit_write")
+    try:
+        assert sudo(needed) == (0, "")
+        for missing in ("setuid", "setgid"):
+            assert sudo([c for c in needed if c != missing])[0] != 0
+        assert "unable to send audit message" in sudo(["setuid", "setgid"])[1]
+        assert "no new privileges" in sudo(needed, "--no-new-privs")[1]
+    finally:
+        os.unlink(rule)
 
 
 @pytest.mark.skipif(not IS_ROOT, reason="needs root: the attacker runs as another user")
@@ -2383,7 +2421,7 @@ def test_metrics_are_demand_driven_and_leave_failing_devices_out(node, start):
                for line in daemon.log().splitlines() if " ERROR " in line) == 1
     node.update(fail={})
     assert series(scrape(daemon), "zeusd_gpu_energy_joules_total", gpu=0) == 123.456
-    assert "metrics: energy of GPU 0 reads again" in daemon.log()
+    assert "GPU 0 (energy) reads again" in daemon.log()
     assert "zeusd_cpu" not in daemon.get("/metrics").body.decode()
 
 
@@ -3382,7 +3420,8 @@ def test_slow_client_gets_408(daemon):
 
 ZEUS_PYTHONS = {"0.15": os.environ.get("ZEUSD_TEST_ZEUS_0_15"),
                 "0.16": os.environ.get("ZEUSD_TEST_ZEUS_0_16")}
-STREAM_FORMAT_OF = {"0.15": "all-devices", "0.16": "per-device"}
+# The flags each Zeus release needs: 0.16 (pip install zeus today) works with the defaults.
+STREAM_FORMAT_OF = {"0.15": ("--stream-format", "all-devices"), "0.16": ()}
 CPU_TICKS = {"intel-rapl:0": (1000000, 50.0), "intel-rapl:1": (7, 20.0)}
 
 ZEUS_CLIENT = r'''
@@ -3493,7 +3532,7 @@ def run_zeus_client(version, daemon, token=""):
 def test_zeus_client_against_the_daemon(node, start, version, mode):
     node.set_gpu(2, jitter=True)  # changing readings keep events flowing, as real GPUs do
     with RaplTicker(node, CPU_TICKS):
-        daemon = start("--stream-format", STREAM_FORMAT_OF[version], mode=mode)
+        daemon = start(*STREAM_FORMAT_OF[version], mode=mode)
         out = run_zeus_client(version, daemon)
     assert out["discovery"] == {"gpu_ids": [0, 1, 2], "cpu_ids": [0, 1], "dram": [True, False],
                                 "auth": False, "read": True, "control": True}
@@ -3537,7 +3576,7 @@ def test_zeus_client_against_the_daemon(node, start, version, mode):
 @pytest.mark.parametrize("version", sorted(ZEUS_PYTHONS))
 def test_zeus_client_with_tokens(node, key_path, start, version):
     node.set_gpu(2, jitter=True)
-    daemon = start("--signing-key-path", key_path, "--stream-format", STREAM_FORMAT_OF[version],
+    daemon = start("--signing-key-path", key_path, *STREAM_FORMAT_OF[version],
                    mode="tcp")
     with RaplTicker(node, CPU_TICKS):
         out = run_zeus_client(version, daemon, token(list(zeusd.API_GROUPS)))
@@ -3549,3 +3588,20 @@ def test_zeus_client_with_tokens(node, key_path, start, version):
     assert reader["gpu_power"]["power_mw"]["1"] == 120000
     assert "lacks required scope 'gpu-control'" in reader["set_power_limit"]["message"]
     assert reader["zeusd_gpu"]["raised"] == "ZeusdCapabilityError"
+
+
+def test_the_readme_python_example_prints_power(node, key_path, start):
+    """The README's PowerStreamingClient example, run as written (its address put in), under
+    Zeus 0.16 against a daemon with the default stream format and a token."""
+    python = ZEUS_PYTHONS["0.16"]
+    if not python:
+        pytest.skip("set ZEUSD_TEST_ZEUS_0_16 to a Python with zeus==0.16.0 (.ci/run does)")
+    with open(os.path.join(HERE, "README.md")) as readme:
+        example = re.search(r"```python\n(.*?)```", readme.read(), re.S).group(1)
+    daemon = start("--signing-key-path", key_path, "--enable", "gpu-read", mode="tcp")
+    example = example.replace('host="node1", port=4938', 'host="%s", port=%d' % daemon.address)
+    env = dict(os.environ, ZEUSD_TOKEN=token(["gpu-read"]))
+    result = subprocess.run([python, "-c", example], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, timeout=60)
+    assert result.returncode == 0, result.stderr.decode()[-3000:]
+    assert "gpu_power_w={0: 76.0, 1: 120.0}" in result.stdout.decode(), result.stdout
