@@ -2115,13 +2115,46 @@ def test_cpu_stream_events(node, start):
 
 
 def gpu_sample(values, errors=None, timestamp_ms=1000):
-    return zeusd.Sample(time.monotonic(), timestamp_ms, values, errors or {},
-                        zeusd.GpuPowerMeter(zeusd.GpuBackend()))
+    return zeusd.Sample(time.monotonic(), timestamp_ms, values, errors or {})
+
+
+def test_a_sampler_delivers_each_tick_to_any_subscriber():
+    """The subscriber protocol, with a fake meter and a fake subscriber: one read per device
+    per tick, each sample delivered once, from one thread, until the subscriber closes."""
+    class Meter(object):
+        kind, ids, reads = "GPU", (0, 1), []
+
+        def read(self, index):
+            self.reads.append(index)
+            return 1000 + index
+
+    class Subscriber(object):
+        closed = False
+
+        def __init__(self):
+            self.samples, self.threads = [], set()
+
+        def deliver(self, sample, now):
+            self.samples.append(sample)
+            self.threads.add(threading.current_thread().name)
+            self.closed = len(self.samples) >= 5
+    meter, subscriber = Meter(), Subscriber()
+    sampler = zeusd.Sampler(200, meter)
+    sampler.start()
+    try:
+        assert sampler.add_stream(subscriber)
+        wait_for(lambda: subscriber.closed, "five deliveries")
+        sampler.remove_stream(subscriber)
+        assert all(sample.values == {0: 1000, 1: 1001} for sample in subscriber.samples)
+        assert len(set(id(sample) for sample in subscriber.samples)) == 5
+        assert meter.reads[:10] == [0, 1] * 5
+    finally:
+        sampler.stop()
 
 
 def test_keep_alive_comment_after_quiet_period():
     left, right = socket.socketpair()
-    subscriber = zeusd.StreamSubscriber(left, (0,), False)
+    subscriber = zeusd.SseSubscriber(left, (0,), False, "GPU")
     sample = gpu_sample({0: 5})
     now = time.monotonic()
     subscriber.deliver(sample, now)
@@ -2137,7 +2170,7 @@ def test_keep_alive_comment_after_quiet_period():
 
 def test_slow_stream_reader_is_dropped():
     left, right = socket.socketpair()
-    subscriber = zeusd.StreamSubscriber(left, (0,), False)
+    subscriber = zeusd.SseSubscriber(left, (0,), False, "GPU")
     now = time.monotonic()
     for value in range(100000):
         subscriber.deliver(gpu_sample({0: value}), now)

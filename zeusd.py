@@ -1542,28 +1542,24 @@ class GpuControl:
 
 # ---- Sampling: demand-driven samplers, one read per device per tick, isolated from hangs ----
 
-KEEPALIVE_COMMENT_S = 15.0
-MAX_STREAM_BACKLOG = 65536
-SSE_KEEPALIVE = b": keep-alive\n\n"
 RELAYS = 2  # sampler threads taking the ticks in turn
 ONE_SHOT_GRACE_S = 0.5
 HANG_FLOOR_S = 0.25  # a read is taken for a hang after one period, but never sooner than this
 
 
 class Sample:
-    """One tick: the values of the devices that answered and the errors of those that did not,
-    each rendering made once however many readers ask for it."""
+    """One tick: the values of the devices that answered and the errors of those that did not.
+    `derived` keeps what readers make of it (an HTTP rendering, say), so that each is made once
+    however many readers ask for it."""
 
-    __slots__ = ("timestamp_ms", "taken", "values", "errors", "meter", "renders", "events")
+    __slots__ = ("taken", "timestamp_ms", "values", "errors", "derived")
 
-    def __init__(self, taken, timestamp_ms, values, errors, meter):
+    def __init__(self, taken, timestamp_ms, values, errors):
         self.taken = taken
         self.timestamp_ms = timestamp_ms
         self.values = values
         self.errors = errors
-        self.meter = meter
-        self.renders = {}
-        self.events = {}
+        self.derived = {}
 
     def merged(self, index, value, error):
         """This sample with one device's late value (or error) put in."""
@@ -1573,31 +1569,7 @@ class Sample:
             errors[index] = error
         elif value is not None:
             values[index] = value
-        return Sample(self.taken, self.timestamp_ms, values, errors, self.meter)
-
-    def render(self, ids):
-        """(selected values, get_power body, all-devices SSE event) for the ids; devices
-        without a value are left out (and the event is empty when none has one)."""
-        rendered = self.renders.get(ids)
-        if rendered is None:
-            values, render_value = self.values, self.meter.render_value
-            body = ('{"timestamp_ms": %d, "power_mw": {%s}}' % (
-                self.timestamp_ms, ", ".join('"%d": %s' % (i, render_value(values[i]))
-                                             for i in ids if i in values))).encode()
-            selected = tuple(values.get(i) for i in ids)
-            event = b"data: " + body + b"\n\n" if selected.count(None) < len(ids) else b""
-            rendered = (selected, body, event)
-            self.renders[ids] = rendered
-        return rendered
-
-    def device_event(self, index):
-        """The per-device SSE event of one device that has a value."""
-        event = self.events.get(index)
-        if event is None:
-            event = b"data: %s\n\n" % self.meter.device_json(self.timestamp_ms, index,
-                                                             self.values[index])
-            self.events[index] = event
-        return event
+        return Sample(self.taken, self.timestamp_ms, values, errors)
 
 
 class FailureLog:
@@ -1629,13 +1601,6 @@ class GpuPowerMeter:
         self.read = backend.power_mw
         self.ids = tuple(range(len(backend.gpus)))
 
-    render_value = str
-
-    @staticmethod
-    def device_json(timestamp_ms, index, milliwatts):
-        return b'{"timestamp_ms": %d, "gpu_id": %d, "power_mw": %d}' % (
-            timestamp_ms, index, milliwatts)
-
 
 class CpuPowerMeter:
     """One CPU package's and its DRAM's power: RAPL energy deltas over the measured time between
@@ -1665,81 +1630,6 @@ class CpuPowerMeter:
             dram_mw = int(round((dram - previous[2]) / seconds / 1000.0))
         return int(round((cpu - previous[1]) / seconds / 1000.0)), dram_mw
 
-    @staticmethod
-    def render_value(value):
-        return '{"cpu_mw": %d, "dram_mw": %s}' % (value[0],
-                                                  "null" if value[1] is None else value[1])
-
-    @staticmethod
-    def device_json(timestamp_ms, index, value):
-        return b'{"timestamp_ms": %d, "cpu_id": %d, "cpu_mw": %d, "dram_mw": %s}' % (
-            timestamp_ms, index, value[0], b"null" if value[1] is None else b"%d" % value[1])
-
-
-class StreamSubscriber:
-    """An open SSE connection, written to by its sampler's relays without blocking: one event
-    per sample (all-devices) or one per device and sample (per-device), sent when a selected
-    value changed."""
-
-    __slots__ = ("sock", "ids", "per_device", "last_values", "last_write", "pending", "closed")
-
-    def __init__(self, sock, ids, per_device):
-        self.sock = sock
-        self.ids = ids
-        self.per_device = per_device
-        self.last_values = {} if per_device else None
-        self.last_write = time.monotonic()
-        self.pending = b""
-        self.closed = False
-
-    def events(self, sample):
-        """The events that sample holds for this subscriber (b"" if none), as sent."""
-        if self.per_device:
-            last, values, changed = self.last_values, sample.values, []
-            for index in self.ids:
-                value = values.get(index)
-                if value is not None and value != last.get(index):
-                    last[index] = value
-                    changed.append(sample.device_event(index))
-            return b"".join(changed)
-        values, _, event = sample.render(self.ids)
-        if values == self.last_values or not event:
-            return b""
-        self.last_values = values
-        return event
-
-    def deliver(self, sample, now):
-        """Send the sample's events, else a keep-alive comment when one is due."""
-        data = self.events(sample)
-        if data:
-            self.write(data, now)
-        elif now - self.last_write >= KEEPALIVE_COMMENT_S:
-            self.write(SSE_KEEPALIVE, now)
-
-    def write(self, data, now):
-        data = self.pending + data if self.pending else data
-        try:
-            sent = self.sock.send(data, socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            self.close()
-            return
-        self.pending = data[sent:]
-        self.last_write = now
-        if len(self.pending) > MAX_STREAM_BACKLOG:
-            log.warning("dropping a stream whose client stopped reading")
-            self.close()
-
-    def close(self):
-        """End the stream: its connection thread, blocked reading the socket, wakes and exits."""
-        if not self.closed:
-            self.closed = True
-            try:
-                self.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
 
 class Sampler:
     """Reads every device of one kind at a fixed rate while anyone subscribes, and broadcasts
@@ -1747,9 +1637,9 @@ class Sampler:
 
     With no subscriber its relays sleep on a condition and make no device call. Two relay
     threads take the ticks of one schedule in turn (each wakes once every two periods, so a
-    tick costs what it would on one thread): a tick reads each device once, publishes the
-    sample through a condition (one-shot readers wait on it) and writes it to every open
-    stream with non-blocking sends. A relay stuck in a device read is left behind: the next
+    tick costs what it would on one thread): a tick reads each device once, hands the sample
+    to every subscriber, then publishes it through a condition (one-shot readers wait on it).
+    A relay stuck in a device read is left behind: the next
     tick waits at most one period for that read, then goes on without that device, and a new
     relay takes the stuck one's place. Healthy devices are thus never delayed by more than
     one period. The slow device is left out of samples while its read is pending; once it has
@@ -1757,6 +1647,14 @@ class Sampler:
     on a busy node is not taken for a hang) it counts as not answering (an error for one-shot
     readers) until the read returns. A read that returns late is still published, put into
     the latest sample.
+
+    The subscriber protocol: add_stream(subscriber) and remove_stream(subscriber) take any
+    object with a `closed` attribute and a `deliver(sample, now)` method. After each tick, the
+    relay that ran it calls deliver(sample, now) on every subscriber not closed, in the order
+    they were added, from that one thread (never two deliveries at once for one sampler); now
+    is time.monotonic(). deliver must not block: a subscriber buffers what it cannot send and
+    sets closed to give up. The first sample a subscriber gets is the next tick's; fresh()
+    gives the latest one, if any, to start from.
     """
 
     def __init__(self, hz, meter):
@@ -1918,7 +1816,7 @@ class Sampler:
             if in_flight.pop(index, None) is None:
                 self.left_behind(index, value, error)
                 return "abandoned"
-        self.publish(Sample(taken, timestamp_ms, values, errors, self.meter))
+        self.publish(Sample(taken, timestamp_ms, values, errors))
         return "warming" if warming else "done"
 
     def timeout_error(self, index):
@@ -2403,7 +2301,8 @@ class Api:
             raise HttpError(503, "No %s power sample came within %d ms; try again."
                             % (sampler.kind, (2 * sampler.period + ONE_SHOT_GRACE_S) * 1000))
         errors = sample.errors and {i: sample.errors[i] for i in ids if i in sample.errors}
-        return errors_reply(errors) if errors else Reply(200, sample.render(ids)[1])
+        return errors_reply(errors) if errors else Reply(200, RENDERINGS[sampler.kind].power(
+            sample, ids)[1])
 
     def cpu_energy(self, args, claims, request):
         results, errors = {}, {}
@@ -2590,6 +2489,126 @@ def process_start_time():
     with open("/proc/stat") as stat_file:
         boot = next(int(line.split()[1]) for line in stat_file if line.startswith("btime "))
     return boot + started_ticks / CLOCK_TICKS
+
+
+# ---- HTTP, streams: samples as JSON bodies and SSE events, and the SSE subscriber ----
+
+KEEPALIVE_COMMENT_S = 15.0
+MAX_STREAM_BACKLOG = 65536
+SSE_KEEPALIVE = b": keep-alive\n\n"
+
+
+class PowerRendering:
+    """How one kind of device's samples read over HTTP: the get_power body (and all-devices
+    event) for a selection, and the per-device event, each made once per sample (kept in its
+    `derived`) however many readers ask."""
+
+    def __init__(self, value_json, device_json):
+        self.value_json = value_json
+        self.device_json = device_json
+
+    def power(self, sample, ids):
+        """(selected values, get_power body, all-devices SSE event) for the ids; devices
+        without a value are left out (and the event is empty when none has one)."""
+        rendered = sample.derived.get(ids)
+        if rendered is None:
+            values, value_json = sample.values, self.value_json
+            body = ('{"timestamp_ms": %d, "power_mw": {%s}}' % (
+                sample.timestamp_ms, ", ".join('"%d": %s' % (i, value_json(values[i]))
+                                               for i in ids if i in values))).encode()
+            selected = tuple(values.get(i) for i in ids)
+            event = b"data: " + body + b"\n\n" if selected.count(None) < len(ids) else b""
+            rendered = sample.derived[ids] = (selected, body, event)
+        return rendered
+
+    def device_event(self, sample, index):
+        """The per-device SSE event of one device that has a value."""
+        event = sample.derived.get(index)
+        if event is None:
+            event = sample.derived[index] = b"data: %s\n\n" % self.device_json(
+                sample.timestamp_ms, index, sample.values[index])
+        return event
+
+
+def cpu_value_json(value):
+    return '{"cpu_mw": %d, "dram_mw": %s}' % (value[0], "null" if value[1] is None else value[1])
+
+
+RENDERINGS = {
+    "GPU": PowerRendering(str, lambda timestamp_ms, index, milliwatts: (
+        b'{"timestamp_ms": %d, "gpu_id": %d, "power_mw": %d}' % (timestamp_ms, index,
+                                                                 milliwatts))),
+    "CPU": PowerRendering(cpu_value_json, lambda timestamp_ms, index, value: (
+        b'{"timestamp_ms": %d, "cpu_id": %d, "cpu_mw": %d, "dram_mw": %s}' % (
+            timestamp_ms, index, value[0], b"null" if value[1] is None else b"%d" % value[1]))),
+}
+
+
+class SseSubscriber:
+    """An open SSE connection, a sampler's subscriber: its relays write to it without
+    blocking, one event per sample (all-devices) or one per device and sample (per-device),
+    sent when a selected value changed."""
+
+    __slots__ = ("sock", "ids", "per_device", "render", "last_values", "last_write", "pending",
+                 "closed")
+
+    def __init__(self, sock, ids, per_device, kind):
+        self.sock = sock
+        self.ids = ids
+        self.per_device = per_device
+        self.render = RENDERINGS[kind]
+        self.last_values = {} if per_device else None
+        self.last_write = time.monotonic()
+        self.pending = b""
+        self.closed = False
+
+    def events(self, sample):
+        """The events that sample holds for this subscriber (b"" if none), as sent."""
+        if self.per_device:
+            last, values, changed = self.last_values, sample.values, []
+            for index in self.ids:
+                value = values.get(index)
+                if value is not None and value != last.get(index):
+                    last[index] = value
+                    changed.append(self.render.device_event(sample, index))
+            return b"".join(changed)
+        values, _, event = self.render.power(sample, self.ids)
+        if values == self.last_values or not event:
+            return b""
+        self.last_values = values
+        return event
+
+    def deliver(self, sample, now):
+        """Send the sample's events, else a keep-alive comment when one is due."""
+        data = self.events(sample)
+        if data:
+            self.write(data, now)
+        elif now - self.last_write >= KEEPALIVE_COMMENT_S:
+            self.write(SSE_KEEPALIVE, now)
+
+    def write(self, data, now):
+        data = self.pending + data if self.pending else data
+        try:
+            sent = self.sock.send(data, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self.close()
+            return
+        self.pending = data[sent:]
+        self.last_write = now
+        if len(self.pending) > MAX_STREAM_BACKLOG:
+            log.warning("dropping a stream whose client stopped reading")
+            self.close()
+
+    def close(self):
+        """End the stream: its connection thread, blocked reading the socket, wakes and exits."""
+        if not self.closed:
+            self.closed = True
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
 
 # ---- HTTP, wire: strict request framing within limits, replies as bytes, streams ----
@@ -2935,7 +2954,7 @@ class HttpConnection(socketserver.BaseRequestHandler):
         that goes away is noticed at once and the thread ends.
         """
         sampler, sock = stream.sampler, self.sock
-        subscriber = StreamSubscriber(sock, stream.ids, stream.per_device)
+        subscriber = SseSubscriber(sock, stream.ids, stream.per_device, sampler.kind)
         first = sampler.fresh()
         sock.settimeout(STREAM_SEND_TIMEOUT_S)
         sock.sendall(SSE_HEAD + (subscriber.events(first) if first is not None else b""))
