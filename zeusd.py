@@ -36,6 +36,7 @@ The file reads in the order a request meets it:
 import argparse
 import base64
 import collections
+import ctypes
 import errno
 import fcntl
 import grp
@@ -59,6 +60,7 @@ import sys
 import tempfile
 import threading
 import time
+from json.encoder import encode_basestring_ascii as encode_json_string
 from urllib.parse import unquote_plus
 
 __version__ = "0.5.0"
@@ -176,10 +178,11 @@ class LineStyle:
         except (OSError, ValueError):
             self.journal = False
 
-    def line(self, level, level_name, message):
+    def line(self, level, level_name, message, now=None):
         if self.journal:
             return "<%d>%s" % (self.PRIORITIES.get(level, 6), escape_unprintable(message))
-        now = time.time()
+        if now is None:
+            now = time.time()
         second = int(now)
         if second != self.second:
             self.second_text = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
@@ -247,25 +250,26 @@ class RequestLines:
     def __init__(self):
         self.lock = threading.Lock()
         self.second = None
-        self.written = 0
+        self.written = 0  # in this second; counted without a lock, so a race may let one more by
         self.left_out = collections.Counter()  # status -> lines not written
         self.summary_due = False
 
     def write(self, status, message):
-        second = int(time.monotonic())
-        with self.lock:
-            if second != self.second:
-                self.second, self.written = second, 0
-            self.written += 1
-            if self.written > self.PER_SECOND:
+        now = time.time()
+        second = int(now)
+        if second != self.second:
+            self.second, self.written = second, 0
+        self.written += 1
+        if self.written > self.PER_SECOND:
+            with self.lock:
                 self.left_out[status] += 1
                 if not self.summary_due:
                     self.summary_due = True
                     summary = threading.Timer(1.0, self.summarise)
                     summary.daemon = True
                     summary.start()
-                return
-        write_line(LINE_STYLE.line(logging.INFO, "INFO", message))
+            return
+        write_line(LINE_STYLE.line(logging.INFO, "INFO", message, now))
 
     def summarise(self):
         with self.lock:
@@ -556,6 +560,8 @@ NVML_KINDS = {2: "invalid-argument", 3: "not-supported", 4: "no-permission"}
 NVML_ABSENT = (9, 12)  # driver not loaded, library not found
 NVML_NOT_SUPPORTED = 3
 NVML_VALUE_FIELDS = ("dVal", "uiVal", "ulVal", "ullVal", "sllVal", "siVal", "usVal")
+FIELD_STATUS = struct.Struct("=II")  # nvmlFieldValue_t's valueType and nvmlReturn
+FIELD_VALUES = tuple(struct.Struct("=" + code) for code in "dILQqiH")  # by valueType
 
 
 class GpuBackend:
@@ -628,8 +634,8 @@ class NvmlBackend(GpuBackend):
         self.handles = [nvml.nvmlDeviceGetHandleByIndex(i)
                         for i in range(nvml.nvmlDeviceGetCount())]
         self.instant_field = [getattr(nvml, "NVML_FI_DEV_POWER_INSTANT", 186)]
-        self.get_field_values = nvml.nvmlDeviceGetFieldValues
         self.instant = [True] * len(self.handles)
+        self.field_reads = [self._field_read(handle) for handle in self.handles]
         gpus = []
         for index, handle in enumerate(self.handles):
             name = text_of(nvml.nvmlDeviceGetName(handle))
@@ -657,6 +663,41 @@ class NvmlBackend(GpuBackend):
     def _instant_code(self, handle):
         return self.nvml.nvmlDeviceGetFieldValues(handle, self.instant_field)[0].nvmlReturn
 
+    def _field_read(self, handle):
+        """A function that reads the GPU's instant power field: (the field's status, its value).
+        With the real binding it is one call into the loaded library with a field value
+        allocated once, read back with struct (pynvml builds the array and looks the function
+        up on every call, and its structures' attributes go through Python code); otherwise, or
+        when NVML calls are timed, pynvml's own function."""
+        nvml, field = self.nvml, self.instant_field
+        try:
+            if not isinstance(nvml, type(sys)):
+                raise TypeError("NVML calls are timed")
+            function = nvml._nvmlGetFunctionPointer("nvmlDeviceGetFieldValues")
+            layout = nvml.c_nvmlFieldValue_t
+            values = (layout * 1)()
+            status_at, value_at = layout.valueType.offset, layout.value.offset
+            if layout.nvmlReturn.offset != status_at + 4:
+                raise TypeError("an unexpected nvmlFieldValue_t layout")
+        except (AttributeError, TypeError, nvml.NVMLError):
+            def read():
+                value = nvml.nvmlDeviceGetFieldValues(handle, field)[0]
+                return value.nvmlReturn, getattr(value.value, NVML_VALUE_FIELDS[value.valueType])
+            return read
+        values[0].fieldId = field[0]
+        count, pointer, error = ctypes.c_int32(1), ctypes.byref(values), nvml.NVMLError
+        status, unpackers = FIELD_STATUS.unpack_from, FIELD_VALUES
+
+        def read():
+            code = function(handle, count, pointer)
+            if code:
+                raise error(code)
+            value_type, code = status(values, status_at)
+            if code:
+                return code, None
+            return 0, unpackers[value_type].unpack_from(values, value_at)[0]
+        return read
+
     def _call(self, function, index, *args):
         try:
             return function(self.handles[index], *args)
@@ -681,13 +722,12 @@ class NvmlBackend(GpuBackend):
         the sampling hot path, so the field read is inlined rather than going through _call."""
         if self.instant[index]:
             try:
-                value = self.get_field_values(self.handles[index], self.instant_field)[0]
+                code, value = self.field_reads[index]()
             except self.nvml.NVMLError as err:
                 READ_ERRORS.count("gpu", index)
                 raise self._error("nvmlDeviceGetFieldValues", index, err)
-            code = value.nvmlReturn
             if code == 0:
-                return int(getattr(value.value, NVML_VALUE_FIELDS[value.valueType]))
+                return int(value)
             if code != NVML_NOT_SUPPORTED:
                 READ_ERRORS.count("gpu", index)
                 raise DeviceError(NVML_KINDS.get(code, "failed"), "instant power read failed on "
@@ -1940,7 +1980,8 @@ def json_body(value):
 
 
 def error_body(message):
-    return json_body({"error": message})
+    """{"error": message} as json.dumps writes it, without its Python-level layers."""
+    return b'{"error": %s}' % encode_json_string(message).encode("ascii")
 
 
 def error_reply(err):
@@ -2149,43 +2190,38 @@ class Api:
         }
 
     def handle(self, request):
-        """(a Reply or a Stream, the token's user or None) for a parsed request."""
+        """(a Reply or a Stream, the token's user or None) for a parsed request: the group
+        gate, authentication, the route with its scope and method, the parameters, the
+        handler."""
         claims = None
+        path = request.path
         try:
-            claims = self.authenticate(request)
-            route = self.route(request, claims)
-            args = parse_query(request.query, route.params) if route.params is not None else None
-            result = route.handler(args, claims, request)
+            message = self.disabled.get(path)
+            if message is not None:
+                return Reply(404, error_body(message), reason=message), None
+            if self.auth is not None and path not in OPEN_PATHS:
+                claims = self.auth.authenticate(request.headers.get("authorization"))
+            route = self.routes.get(path)
+            if route is None:
+                message = "Not found: no endpoint at %s." % shown(path)
+                result = Reply(404, error_body(message), reason=message)
+            else:
+                if claims is not None and route.group is not None:
+                    self.auth.authorize(claims, route.group)
+                if request.method != route.method:
+                    raise HttpError(405, "Method %s is not allowed on %s; use %s."
+                                    % (request.method, path, route.method),
+                                    (("Allow", route.method),))
+                result = route.handler(parse_query(request.query, route.params)
+                                       if route.params is not None else None, claims, request)
         except (HttpError, DeviceError) as err:
             result = error_reply(err)
         except CallerGone:
             raise
         except Exception:
-            log.exception("internal error answering %s %s", request.method, shown(request.path))
+            log.exception("internal error answering %s %s", request.method, shown(path))
             result = INTERNAL_ERROR
         return result, claims.sub if claims is not None else None
-
-    def authenticate(self, request):
-        """The token's claims (None without auth or on open paths), after the group gate."""
-        message = self.disabled.get(request.path)
-        if message is not None:
-            raise HttpError(404, message)
-        if self.auth is None or request.path in OPEN_PATHS:
-            return None
-        return self.auth.authenticate(request.headers.get("authorization"))
-
-    def route(self, request, claims):
-        """The route for an authenticated request, after the scope and method checks."""
-        route = self.routes.get(request.path)
-        if claims is not None and route is not None and route.group is not None:
-            self.auth.authorize(claims, route.group)
-        if route is None:
-            raise HttpError(404, "Not found: no endpoint at %s." % shown(request.path))
-        if request.method != route.method:
-            raise HttpError(405, "Method %s is not allowed on %s; use %s."
-                            % (request.method, request.path, route.method),
-                            (("Allow", route.method),))
-        return route
 
     # Handlers: each takes the parsed arguments and the token's claims, and returns a Reply
     # or a Stream.
@@ -2358,13 +2394,30 @@ class Metrics:
         self.paths = frozenset(paths)
         self.lock = threading.Lock()
         self.requests = collections.Counter()  # (path or "other", status) -> requests answered
+        self.open_counts = {}  # id -> the counts of a connection still open
         self.gpu_failures = FailureLog("GPU", "/metrics")
         self.cpu_failures = FailureLog("CPU", "/metrics")
         self.started = process_start_time()
 
-    def count(self, path, status):
+    def connection_opened(self):
+        """The counts of a new connection: {(path or "other", status): requests}, written by
+        its thread alone, read by scrapes, added to the totals when it closes."""
+        counts = {}
         with self.lock:
-            self.requests[path if path in self.paths else "other", status] += 1
+            self.open_counts[id(counts)] = counts
+        return counts
+
+    def connection_closed(self, counts):
+        with self.lock:
+            del self.open_counts[id(counts)]
+            self.requests.update(counts)
+
+    def request_counts(self):
+        with self.lock:
+            totals = collections.Counter(self.requests)
+            for counts in self.open_counts.values():
+                totals.update(dict(counts))
+        return sorted(totals.items())
 
     def render(self, claims, gpu_ids, gone=None):
         """A scrape; a token limited to some GPUs is not shown the node-wide counters."""
@@ -2445,8 +2498,7 @@ class Metrics:
         page.family("zeusd_build_info", "gauge", "The daemon's version and Python.",
                     [((("version", __version__), ("python", sys.version.split()[0])), 1)])
         if node_wide:
-            with self.lock:
-                requests = sorted(self.requests.items())
+            requests = self.request_counts()
             page.family("zeusd_http_requests_total", "counter", "HTTP requests answered.",
                         [((("path", path), ("status", status)), count)
                          for (path, status), count in requests])
@@ -2513,10 +2565,11 @@ class PowerRendering:
         rendered = sample.derived.get(ids)
         if rendered is None:
             values, value_json = sample.values, self.value_json
+            selected = tuple([values.get(i) for i in ids])
             body = ('{"timestamp_ms": %d, "power_mw": {%s}}' % (
-                sample.timestamp_ms, ", ".join('"%d": %s' % (i, value_json(values[i]))
-                                               for i in ids if i in values))).encode()
-            selected = tuple(values.get(i) for i in ids)
+                sample.timestamp_ms, ", ".join(['"%d": %s' % (i, value_json(value))
+                                                for i, value in zip(ids, selected)
+                                                if value is not None]))).encode()
             event = b"data: " + body + b"\n\n" if selected.count(None) < len(ids) else b""
             rendered = sample.derived[ids] = (selected, body, event)
         return rendered
@@ -2624,10 +2677,14 @@ MAX_CHUNK_LINE = 1024
 LINGER_S = 2.0
 MAX_LINGER_BYTES = 1 << 20
 # method, target (no spaces or control characters), version
-REQUEST_LINE = re.compile(rb"([A-Z]{1,20}) ([\x21-\x7e\x80-\xff]+) (HTTP/[0-9]\.[0-9])")
+REQUEST_LINE_PATTERN = rb"([A-Z]{1,20}) ([\x21-\x7e\x80-\xff]+) (HTTP/[0-9]\.[0-9])"
 # an RFC 9110 token as the name; the value free of CR, LF, NUL and other control characters but
 # the tab (parse_head trims spaces and tabs, and nothing else, around it)
-HEADER_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):([^\x00-\x08\x0a-\x1f\x7f]*)")
+HEADER_LINE_PATTERN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\x00-\x08\x0a-\x1f\x7f]*"
+REQUEST_LINE = re.compile(REQUEST_LINE_PATTERN)
+# a whole head, its lines joined by LF, checked in one match; its fields then found in one more
+HEAD = re.compile(REQUEST_LINE_PATTERN + rb"((?:\n" + HEADER_LINE_PATTERN + rb")*)")
+HEADER_FIELD = re.compile(rb"\n([^:\n]+):([^\n]*)")
 CONTENT_LENGTH = re.compile(r"[0-9]{1,18}")
 CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,8}")
 REASONS = {100: "Continue", 200: "OK", 400: "Bad Request", 401: "Unauthorized",
@@ -2639,6 +2696,8 @@ STATUS_LINES = {code: ("HTTP/1.1 %d %s\r\n" % (code, reason)).encode()
                 for code, reason in REASONS.items()}
 SERVER_HEADER = ("Server: zeusd-py/%s\r\n" % __version__).encode()
 JSON_TYPE = b"Content-Type: application/json\r\n"
+PLAIN_HEADS = {code: line + SERVER_HEADER for code, line in STATUS_LINES.items()}
+JSON_HEADS = {code: line + SERVER_HEADER + JSON_TYPE for code, line in STATUS_LINES.items()}
 CLOSE = b"Connection: close\r\n"
 KEEP_ALIVE = b"Connection: keep-alive\r\n"
 CONTINUE = STATUS_LINES[100] + b"\r\n"
@@ -2653,12 +2712,16 @@ class ConnectionClosed(Exception):
 def reply_bytes(reply, connection=b"", head_only=False):
     """A Reply's status line, headers and body, to go out in one write."""
     body, headers = reply.body, reply.headers
-    extra = b"".join(b"%s: %s\r\n" % (name.encode("latin-1"), value.encode("latin-1"))
-                     for name, value in headers) if headers else b""
-    typed = body and not any(name.lower() == "content-type" for name, _ in headers)
-    head = b"%s%s%sContent-Length: %d\r\n%s%s\r\n" % (
-        STATUS_LINES[reply.status], SERVER_HEADER, JSON_TYPE if typed else b"", len(body),
-        extra, connection)
+    if headers:
+        extra = b"".join(b"%s: %s\r\n" % (name.encode("latin-1"), value.encode("latin-1"))
+                         for name, value in headers)
+        typed = body and not any(name.lower() == "content-type" for name, _ in headers)
+        head = b"%s%s%sContent-Length: %d\r\n%s%s\r\n" % (
+            STATUS_LINES[reply.status], SERVER_HEADER, JSON_TYPE if typed else b"", len(body),
+            extra, connection)
+    else:
+        head = b"%sContent-Length: %d\r\n%s\r\n" % (
+            (JSON_HEADS if body else PLAIN_HEADS)[reply.status], len(body), connection)
     return head if head_only else head + body
 
 
@@ -2669,36 +2732,51 @@ TOO_MANY_FROM_CLIENT = reply_bytes(Reply(503, error_body("Too many connections f
 
 def parse_head(head, caller=None):
     """A Request from a head (request line and header lines, without the empty line)."""
-    text = (head[:-1] if head.endswith(b"\r") else head).replace(b"\r\n", b"\n")
+    text = head[:-1] if head.endswith(b"\r") else head
     if b"\r" in text:
-        raise HttpError(400, "Malformed request: a bare CR inside a line.")
+        text = text.replace(b"\r\n", b"\n")
+        if b"\r" in text:
+            raise HttpError(400, "Malformed request: a bare CR inside a line.")
+    match = HEAD.fullmatch(text)
+    if match is None:
+        raise head_error(text)
+    method, target, version, fields = match.groups()
+    if version != b"HTTP/1.1" and version != b"HTTP/1.0":
+        raise HttpError(505, "Only HTTP/1.1 and HTTP/1.0 are supported.")
+    headers = {}
+    if fields:
+        if fields.count(b"\n") > MAX_HEADER_LINES:
+            raise HttpError(431, "Too many header lines (limit %d)." % MAX_HEADER_LINES)
+        for name, value in HEADER_FIELD.findall(fields):
+            key, value = name.decode("ascii").lower(), value.strip(b" \t").decode("latin-1")
+            if key not in headers:
+                headers[key] = value
+            elif key == "content-length":
+                if headers[key] != value:
+                    raise HttpError(400, "Conflicting Content-Length headers.")
+            else:
+                headers[key] += ", " + value
+    target = target.decode("latin-1")
+    if target[0] == "/":
+        path, _, query = target.partition("?")
+    else:
+        path, query = split_target(target)
+    return Request(method.decode("ascii"), path, query, version, headers, caller)
+
+
+def head_error(text):
+    """The error of a head that is not a request line and header lines, for its first fault."""
     lines = text.split(b"\n")
     request_line = REQUEST_LINE.fullmatch(lines[0])
     if not request_line:
-        raise HttpError(400, "Malformed request line.")
-    method, target, version = request_line.groups()
-    if version not in (b"HTTP/1.1", b"HTTP/1.0"):
-        raise HttpError(505, "Only HTTP/1.1 and HTTP/1.0 are supported.")
+        return HttpError(400, "Malformed request line.")
+    if request_line.group(3) not in (b"HTTP/1.1", b"HTTP/1.0"):
+        return HttpError(505, "Only HTTP/1.1 and HTTP/1.0 are supported.")
     if len(lines) - 1 > MAX_HEADER_LINES:
-        raise HttpError(431, "Too many header lines (limit %d)." % MAX_HEADER_LINES)
-    headers = {}
-    for line in lines[1:]:
-        field = HEADER_LINE.fullmatch(line)
-        if not field:
-            raise HttpError(400, "Malformed header line (obsolete line folding, a name with "
-                                 "whitespace or other characters not allowed in a name, or a "
-                                 "control character in a value).")
-        name, value = field.groups()
-        key, value = name.decode("ascii").lower(), value.strip(b" \t").decode("latin-1")
-        if key not in headers:
-            headers[key] = value
-        elif key == "content-length":
-            if headers[key] != value:
-                raise HttpError(400, "Conflicting Content-Length headers.")
-        else:
-            headers[key] += ", " + value
-    path, query = split_target(target.decode("latin-1"))
-    return Request(method.decode("ascii"), path, query, version, headers, caller)
+        return HttpError(431, "Too many header lines (limit %d)." % MAX_HEADER_LINES)
+    return HttpError(400, "Malformed header line (obsolete line folding, a name with whitespace "
+                          "or other characters not allowed in a name, or a control character "
+                          "in a value).")
 
 
 def split_target(target):
@@ -2720,11 +2798,17 @@ def end_of_head(buffer):
     return crlf, crlf + 3
 
 
-def wants_keep_alive(request):
-    tokens = request.headers.get("connection", "").lower()
-    if request.version == b"HTTP/1.1":
-        return "close" not in tokens
-    return "keep-alive" in tokens
+def set_receive_timeout(sock, seconds):
+    """The kernel's receive timeout (SO_RCVTIMEO; 0: none): a recv that waits longer fails with
+    EAGAIN. Set once per connection, it costs nothing per request, where a Python-level socket
+    timeout polls before every recv and send."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack(
+        "ll", int(seconds), int(seconds % 1 * 1000000)))
+
+
+def set_send_timeout(sock, seconds):
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack(
+        "ll", int(seconds), int(seconds % 1 * 1000000)))
 
 
 class RequestReader:
@@ -2735,11 +2819,17 @@ class RequestReader:
         self.sock = sock
         self.caller = caller
         self.buffer = b""
+        self.deadline_set = False  # whether the receive timeout is a request's, not the idle one
 
     def next_request(self):
-        """The next Request, its body consumed; ConnectionClosed if the client goes or idles."""
+        """The next Request, its body consumed; ConnectionClosed if the client goes or idles.
+        The socket waits with the kernel's receive timeout: the idle one between requests, a
+        request's remaining time while a request comes in pieces."""
         request = parse_head(self.read_head(), self.caller)
         self.drain_body(request.headers)
+        if self.deadline_set:
+            set_receive_timeout(self.sock, IDLE_TIMEOUT_S)
+            self.deadline_set = False
         return request
 
     def receive(self, deadline):
@@ -2747,10 +2837,11 @@ class RequestReader:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise HttpError(408, "Request not received in time (%d s)." % HEADER_TIMEOUT_S)
-        self.sock.settimeout(remaining)
+        set_receive_timeout(self.sock, max(remaining, 0.001))
+        self.deadline_set = True
         try:
             chunk = self.sock.recv(65536)
-        except socket.timeout:
+        except BlockingIOError:
             raise HttpError(408, "Request not received in time (%d s)." % HEADER_TIMEOUT_S)
         if not chunk:
             raise ConnectionClosed()
@@ -2758,10 +2849,9 @@ class RequestReader:
 
     def read_head(self):
         if not self.buffer.lstrip(b"\r\n"):
-            self.sock.settimeout(IDLE_TIMEOUT_S)
             try:
                 self.buffer = self.sock.recv(65536)
-            except socket.timeout:
+            except BlockingIOError:
                 raise ConnectionClosed()
             if not self.buffer:
                 raise ConnectionClosed()
@@ -2898,13 +2988,17 @@ class HttpConnection(socketserver.BaseRequestHandler):
     answer in one write (or streams it)."""
 
     def setup(self):
-        self.sock = self.request
-        self.caller = Caller(self.sock, self.client_address)
+        sock = self.sock = self.request
+        self.caller = Caller(sock, self.client_address)
         self.peer = self.caller.peer
-        self.reader = RequestReader(self.sock, self.caller)
+        self.reader = RequestReader(sock, self.caller)
         self.api = self.server.api
-        if self.sock.family != socket.AF_UNIX:
-            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.metrics = self.api.metrics
+        self.counts = self.metrics.connection_opened()
+        if sock.family != socket.AF_UNIX:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        set_receive_timeout(sock, IDLE_TIMEOUT_S)
+        set_send_timeout(sock, STREAM_SEND_TIMEOUT_S)
 
     def handle(self):
         try:
@@ -2913,13 +3007,16 @@ class HttpConnection(socketserver.BaseRequestHandler):
         except (OSError, ConnectionClosed, CallerGone):
             pass
 
+    def finish(self):
+        self.metrics.connection_closed(self.counts)
+
     def serve_one(self):
         """Read and answer one request; False when the connection is to be closed."""
         try:
             request = self.reader.next_request()
         except HttpError as err:
             self.sock.sendall(reply_bytes(error_reply(err), CLOSE))
-            self.api.metrics.count(None, err.status)
+            self.count(None, err.status)
             if log.isEnabledFor(logging.INFO):
                 REQUEST_LINES.write(err.status, "%s - - %d: %s" % (self.peer, err.status,
                                                                    err.message))
@@ -2928,24 +3025,31 @@ class HttpConnection(socketserver.BaseRequestHandler):
         started = time.monotonic()
         result, user = self.api.handle(request)
         reason = None
-        if isinstance(result, Stream):
+        if result.__class__ is Stream:
             self.stream(result)
             status, keep_alive = 200, False
         else:
-            reason = result.reason
-            status, keep_alive = result.status, wants_keep_alive(request)
-            if not keep_alive:
-                connection = CLOSE
+            reason, status = result.reason, result.status
+            tokens = request.headers.get("connection")
+            if request.version == b"HTTP/1.1":
+                keep_alive = tokens is None or "close" not in tokens.lower()
+                connection = b"" if keep_alive else CLOSE
             else:
-                connection = KEEP_ALIVE if request.version == b"HTTP/1.0" else b""
+                keep_alive = tokens is not None and "keep-alive" in tokens.lower()
+                connection = KEEP_ALIVE if keep_alive else CLOSE
             self.sock.sendall(reply_bytes(result, connection, request.method == "HEAD"))
-        self.api.metrics.count(request.path, status)
+        self.count(request.path, status)
         if log.isEnabledFor(logging.INFO):
             REQUEST_LINES.write(status, "%s%s %s %s%s %d %.2fms%s" % (
                 self.peer, " user=" + user if user else "", request.method, shown(request.path),
                 "?" + shown(request.query) if request.query else "", status,
                 (time.monotonic() - started) * 1000, ": " + reason if reason else ""))
         return keep_alive
+
+    def count(self, path, status):
+        """Count the request for /metrics, in this connection's own counts (no lock)."""
+        key = (path if path in self.metrics.paths else "other", status)
+        self.counts[key] = self.counts.get(key, 0) + 1
 
     def stream(self, stream):
         """Server-Sent Events: the current values, then every change, until either side ends.
@@ -2956,9 +3060,8 @@ class HttpConnection(socketserver.BaseRequestHandler):
         sampler, sock = stream.sampler, self.sock
         subscriber = SseSubscriber(sock, stream.ids, stream.per_device, sampler.kind)
         first = sampler.fresh()
-        sock.settimeout(STREAM_SEND_TIMEOUT_S)
         sock.sendall(SSE_HEAD + (subscriber.events(first) if first is not None else b""))
-        sock.settimeout(None)
+        set_receive_timeout(sock, 0)
         self.server.stream_started()
         try:
             if sampler.add_stream(subscriber):
