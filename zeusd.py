@@ -178,17 +178,18 @@ class LineStyle:
         except (OSError, ValueError):
             self.journal = False
 
-    def line(self, level, level_name, message, now=None):
+    def line(self, level, level_name, message):
+        return self.prefix(level, level_name, time.time()) + escape_unprintable(message)
+
+    def prefix(self, level, level_name, now):
+        """What comes before the message: `<priority>`, or the time and the level."""
         if self.journal:
-            return "<%d>%s" % (self.PRIORITIES.get(level, 6), escape_unprintable(message))
-        if now is None:
-            now = time.time()
+            return "<%d>" % self.PRIORITIES.get(level, 6)
         second = int(now)
         if second != self.second:
             self.second_text = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
             self.second = second
-        return "%s,%03d %s %s" % (self.second_text, (now - second) * 1000, level_name,
-                                  escape_unprintable(message))
+        return "%s,%03d %s " % (self.second_text, (now - second) * 1000, level_name)
 
 
 LINE_STYLE = LineStyle()
@@ -231,9 +232,10 @@ def audit(failed, message, *args):
                                   None))
 
 
-def write_line(text):
-    """Write one log line in one os.write: nothing buffered, nothing lost at exit."""
-    data = (text + "\n").encode("utf-8", "replace")
+def write_line(line):
+    """Write a log line (text, or bytes that end with a newline) straight to stderr: nothing
+    buffered, nothing lost at exit."""
+    data = (line + "\n").encode("utf-8", "replace") if isinstance(line, str) else line
     while data:
         data = data[os.write(2, data):]
 
@@ -243,7 +245,7 @@ class RequestLines:
     costs several times more), at most 100 a second: past that they are counted by status and
     summarised in one line a second later, so that a flood of requests cannot push the audit
     lines, warnings and errors past journald's rate limit. The caller checks that INFO is on
-    before it formats the message."""
+    before it formats the text, and escapes what a client sent in it."""
 
     PER_SECOND = 100
 
@@ -254,7 +256,7 @@ class RequestLines:
         self.left_out = collections.Counter()  # status -> lines not written
         self.summary_due = False
 
-    def write(self, status, message):
+    def write(self, status, text):
         now = time.time()
         second = int(now)
         if second != self.second:
@@ -269,7 +271,17 @@ class RequestLines:
                     summary.daemon = True
                     summary.start()
             return
-        write_line(LINE_STYLE.line(logging.INFO, "INFO", message, now))
+        style = LINE_STYLE
+        if style.journal:
+            line = "<6>%s\n" % text
+        else:
+            if second != style.second:
+                style.prefix(logging.INFO, "INFO", now)
+            line = "%s,%03d INFO %s\n" % (style.second_text, (now - second) * 1000, text)
+        data = line.encode("utf-8", "replace")
+        written = os.write(2, data)
+        if written < len(data):
+            write_line(data[written:])
 
     def summarise(self):
         with self.lock:
@@ -1702,6 +1714,7 @@ class Sampler:
         self.period = 1.0 / hz
         self.hang_after = max(self.period, HANG_FLOOR_S)
         self.meter = meter
+        self.device_count = len(meter.ids)
         self.lock = threading.Lock()
         self.demand = threading.Condition(self.lock)
         self.published = threading.Condition(self.lock)
@@ -1771,7 +1784,7 @@ class Sampler:
     def covering(self, ids):
         """The latest sample if it is fresh and has a value or an error for each of ids."""
         sample = self.fresh()
-        if sample is not None and (len(sample.values) == len(self.meter.ids) or all(
+        if sample is not None and (len(sample.values) == self.device_count or all(
                 i in sample.values or i in sample.errors for i in ids)):
             return sample
         return None
@@ -1779,6 +1792,10 @@ class Sampler:
     def current(self, ids):
         """A fresh sample covering ids: the latest, or the next the relays take; None if none
         comes within two periods (and a grace)."""
+        sample = self.latest
+        if sample is not None and time.monotonic() - sample.taken < self.period and \
+                len(sample.values) == self.device_count:
+            return sample
         sample = self.covering(ids)
         if sample is not None:
             return sample
@@ -2092,6 +2109,7 @@ REQUIRED_IDS = (parse_ids, True)
 BOOL = (parse_bool, True)
 U32 = (parse_u32, True)
 HEALTHY = Reply(200, b'{"status": "ok"}')
+NO_ARGUMENTS = {}  # the arguments of a request without a query string, shared: never changed
 INTERNAL_ERROR = Reply(500, error_body("Internal server error; see the daemon's log."),
                        reason="internal error (traceback above)")
 
@@ -2120,6 +2138,8 @@ class Api:
             del self.routes["/metrics"]
             self.disabled["/metrics"] = ("Neither API group 'gpu-read' nor 'cpu-read' is enabled "
                                          "on this server.")
+        self.required = {path: [name for name, (_, required) in (route.params or {}).items()
+                                if required] for path, route in self.routes.items()}
         self.metrics = Metrics(node, groups, list(self.routes) + list(self.disabled))
         self.discover_reply = Reply(200, json_body(self.discovery()))
 
@@ -2212,8 +2232,14 @@ class Api:
                     raise HttpError(405, "Method %s is not allowed on %s; use %s."
                                     % (request.method, path, route.method),
                                     (("Allow", route.method),))
-                result = route.handler(parse_query(request.query, route.params)
-                                       if route.params is not None else None, claims, request)
+                params, query = route.params, request.query
+                if params is None:
+                    args = None
+                elif query or self.required[path]:
+                    args = parse_query(query, params)
+                else:
+                    args = NO_ARGUMENTS
+                result = route.handler(args, claims, request)
         except (HttpError, DeviceError) as err:
             result = error_reply(err)
         except CallerGone:
@@ -2260,6 +2286,8 @@ class Api:
     def gpus_for(self, requested, claims, list_unknown=False):
         """The GPU ids a request covers: those it names (403 if the token's gpus claim leaves
         one out; 400 if one does not exist), else every GPU the token may use."""
+        if claims is None and requested is None:
+            return self.node.gpu_ids
         allowed = claims.gpus if claims is not None else None
         if allowed is not None:
             if requested is None:
@@ -2820,12 +2848,19 @@ class RequestReader:
         self.caller = caller
         self.buffer = b""
         self.deadline_set = False  # whether the receive timeout is a request's, not the idle one
+        self.last = (None, None)  # the last head and its Request
 
     def next_request(self):
         """The next Request, its body consumed; ConnectionClosed if the client goes or idles.
-        The socket waits with the kernel's receive timeout: the idle one between requests, a
-        request's remaining time while a request comes in pieces."""
-        request = parse_head(self.read_head(), self.caller)
+        A head the same, byte for byte, as the last one on this connection (a keep-alive
+        client asking again) is the same Request, not parsed again. The socket waits with the
+        kernel's receive timeout: the idle one between requests, a request's remaining time
+        while a request comes in pieces."""
+        head = self.read_head()
+        last_head, request = self.last
+        if head != last_head:
+            request = parse_head(head, self.caller)
+            self.last = (head, request)
         self.drain_body(request.headers)
         if self.deadline_set:
             set_receive_timeout(self.sock, IDLE_TIMEOUT_S)
@@ -2848,13 +2883,20 @@ class RequestReader:
         self.buffer += chunk
 
     def read_head(self):
-        if not self.buffer.lstrip(b"\r\n"):
+        buffer = self.buffer
+        if not buffer or not buffer.lstrip(b"\r\n"):
             try:
-                self.buffer = self.sock.recv(65536)
+                buffer = self.buffer = self.sock.recv(65536)
             except BlockingIOError:
                 raise ConnectionClosed()
-            if not self.buffer:
+            if not buffer:
                 raise ConnectionClosed()
+        if len(buffer) <= MAX_REQUEST_LINE and buffer[:1] not in b"\r\n":
+            # The usual case: a whole head, too short for any limit, ending at a CRLF line.
+            end = buffer.find(b"\n\r\n")
+            if end >= 0 and buffer.find(b"\n\n", 0, end + 1) < 0:
+                self.buffer = buffer[end + 3:]
+                return buffer[:end]
         deadline = time.monotonic() + HEADER_TIMEOUT_S
         while True:
             buffer = self.buffer = self.buffer.lstrip(b"\r\n")
@@ -2888,6 +2930,8 @@ class RequestReader:
     def drain_body(self, headers):
         """Read and discard the request body (at most 64 KiB)."""
         length, encoding = headers.get("content-length"), headers.get("transfer-encoding")
+        if length is None and encoding is None:
+            return
         deadline = time.monotonic() + HEADER_TIMEOUT_S
         if encoding is not None:
             if length is not None:
@@ -2995,6 +3039,8 @@ class HttpConnection(socketserver.BaseRequestHandler):
         self.api = self.server.api
         self.metrics = self.api.metrics
         self.counts = self.metrics.connection_opened()
+        self.log_requests = log.isEnabledFor(logging.INFO)
+        self.request = None
         if sock.family != socket.AF_UNIX:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         set_receive_timeout(sock, IDLE_TIMEOUT_S)
@@ -3016,12 +3062,14 @@ class HttpConnection(socketserver.BaseRequestHandler):
             request = self.reader.next_request()
         except HttpError as err:
             self.sock.sendall(reply_bytes(error_reply(err), CLOSE))
-            self.count(None, err.status)
-            if log.isEnabledFor(logging.INFO):
-                REQUEST_LINES.write(err.status, "%s - - %d: %s" % (self.peer, err.status,
-                                                                   err.message))
+            self.count("other", err.status)
+            if self.log_requests:
+                REQUEST_LINES.write(err.status, "%s - - %d: %s" % (
+                    self.peer, err.status, escape_unprintable(err.message)))
             linger(self.sock)
             return False
+        if request is not self.request:
+            self.prepare(request)
         started = time.monotonic()
         result, user = self.api.handle(request)
         reason = None
@@ -3029,27 +3077,38 @@ class HttpConnection(socketserver.BaseRequestHandler):
             self.stream(result)
             status, keep_alive = 200, False
         else:
-            reason, status = result.reason, result.status
-            tokens = request.headers.get("connection")
-            if request.version == b"HTTP/1.1":
-                keep_alive = tokens is None or "close" not in tokens.lower()
-                connection = b"" if keep_alive else CLOSE
-            else:
-                keep_alive = tokens is not None and "keep-alive" in tokens.lower()
-                connection = KEEP_ALIVE if keep_alive else CLOSE
-            self.sock.sendall(reply_bytes(result, connection, request.method == "HEAD"))
-        self.count(request.path, status)
-        if log.isEnabledFor(logging.INFO):
-            REQUEST_LINES.write(status, "%s%s %s %s%s %d %.2fms%s" % (
-                self.peer, " user=" + user if user else "", request.method, shown(request.path),
-                "?" + shown(request.query) if request.query else "", status,
-                (time.monotonic() - started) * 1000, ": " + reason if reason else ""))
+            reason, status, keep_alive = result.reason, result.status, self.keep_alive
+            self.sock.sendall(reply_bytes(result, self.connection, self.head_only))
+        key = (self.counted_path, status)
+        self.counts[key] = self.counts.get(key, 0) + 1
+        if self.log_requests:
+            REQUEST_LINES.write(status, "%s%s %s %d %.2fms%s" % (
+                self.peer, " user=" + escape_unprintable(user) if user else "", self.described,
+                status, (time.monotonic() - started) * 1000,
+                ": " + escape_unprintable(reason) if reason else ""))
         return keep_alive
 
+    def prepare(self, request):
+        """What the answers to a request depend on besides the API's reply, worked out once for
+        each new request (a keep-alive client repeating itself gets the same Request): whether
+        the connection stays open, the path it is counted under, and how it is logged."""
+        self.request = request
+        tokens = request.headers.get("connection")
+        if request.version == b"HTTP/1.1":
+            self.keep_alive = tokens is None or "close" not in tokens.lower()
+            self.connection = b"" if self.keep_alive else CLOSE
+        else:
+            self.keep_alive = tokens is not None and "keep-alive" in tokens.lower()
+            self.connection = KEEP_ALIVE if self.keep_alive else CLOSE
+        self.head_only = request.method == "HEAD"
+        self.counted_path = request.path if request.path in self.metrics.paths else "other"
+        self.described = escape_unprintable("%s %s%s" % (
+            request.method, shown(request.path),
+            "?" + shown(request.query) if request.query else ""))
+
     def count(self, path, status):
-        """Count the request for /metrics, in this connection's own counts (no lock)."""
-        key = (path if path in self.metrics.paths else "other", status)
-        self.counts[key] = self.counts.get(key, 0) + 1
+        """Count a request for /metrics, in this connection's own counts (no lock)."""
+        self.counts[path, status] = self.counts.get((path, status), 0) + 1
 
     def stream(self, stream):
         """Server-Sent Events: the current values, then every change, until either side ends.
