@@ -685,7 +685,7 @@ def test_a_hung_gpu_ties_up_one_thread_per_call_however_many_clients_ask(hung):
     wait_for(lambda: daemon.threads() == IDLE_THREADS + 3, "the leavers' threads to end")
     wait_for(lambda: open_fds(pid) == fds, "the leavers' descriptors to close")
     assert [call for call in node.calls("nvmlDeviceGetTotalEnergyConsumption")
-            if call[1] == "0"] == [("nvmlDeviceGetTotalEnergyConsumption", "0")] * 2  # startup, once
+            if call[1] == "0"] == [("nvmlDeviceGetTotalEnergyConsumption", "0")] * 2  # start, once
     # A healthy GPU answers at once meanwhile.
     response, seconds = timed(daemon.get, "/gpu/get_cumulative_energy?gpu_ids=2")
     assert response.status == 200 and seconds < 0.5
@@ -700,7 +700,7 @@ def test_a_hung_gpu_ties_up_one_thread_per_call_however_many_clients_ask(hung):
                        "block=true").status == 200
 
 
-# ---- §1 Command line ----
+# ---- Command line ----
 
 def test_version_and_help_at_every_level():
     status, out, _ = run_cli("--version")
@@ -763,7 +763,7 @@ def test_enable_accepts_commas_and_repeats_and_drops_duplicates(start):
     assert daemon.get_json("/discover")["enabled_api_groups"] == ["gpu-read", "gpu-control"]
 
 
-# ---- §1 Startup ----
+# ---- Main: startup, signals, the socket, the systemd unit ----
 
 def test_starts_without_pynvml_or_rapl(node, start):
     with open(os.path.join(node.lib, "pynvml.py"), "w") as module:
@@ -1106,7 +1106,7 @@ while True:
 '''
 
 
-# ---- §2 HTTP ----
+# ---- HTTP, wire: framing, limits, keep-alive; servers: the connection cap ----
 
 def test_keep_alive_serves_many_requests_on_one_connection(daemon):
     connection = daemon.connect()
@@ -1538,7 +1538,7 @@ def process_cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-# ---- §2 Query strings ----
+# ---- HTTP, query parameters ----
 
 @pytest.mark.parametrize("query, fragment", [
     ("gpu_ids=0&power_limit_mw=200000&block=true&force=1", "'force'"),
@@ -1577,7 +1577,7 @@ def test_endpoints_without_parameters_ignore_the_query(daemon):
     assert daemon.get("/time?foo").status == 200
 
 
-# ---- §3 Always-available endpoints ----
+# ---- HTTP, API: the endpoints every daemon serves ----
 
 def test_discover(daemon):
     assert daemon.get_json("/discover") == {
@@ -1615,7 +1615,7 @@ def test_time(daemon):
     assert before - 5 <= stamp <= int(time.time() * 1000) + 5
 
 
-# ---- §3 gpu-control ----
+# ---- GPU control ----
 
 CONTROL_CASES = [
     ("set_power_limit", "power_limit_mw=250000", "nvmlDeviceSetPowerManagementLimit", ("250000",)),
@@ -1739,7 +1739,7 @@ def test_commands_run_in_order_per_gpu_and_concurrently_across_gpus(node, start)
     assert max(starts) < min(ends), "GPUs 1 and 2 ran one after the other: %s" % others
 
 
-# ---- §3 gpu-read ----
+# ---- GPUs: the gpu-read endpoints ----
 
 def test_gpu_power_uses_instant_power_with_fallback(daemon):
     body = daemon.get_json("/gpu/get_power")
@@ -1791,7 +1791,7 @@ def test_superset_gpu_reads(daemon):
         "0": {"enabled": True}, "1": {"enabled": True}, "2": {"enabled": True}}
 
 
-# ---- §3 cpu-read, §7 RAPL ----
+# ---- CPUs: RAPL and the cpu-read endpoints ----
 
 def test_cpu_cumulative_energy(daemon):
     assert daemon.get_json("/cpu/get_cumulative_energy?cpu_ids=0,1&cpu=true&dram=true") == {
@@ -1909,7 +1909,7 @@ def test_unreadable_rapl_zone_is_skipped(node, start):
     assert "skipping RAPL zone" in daemon.log()
 
 
-# ---- §2, §4 API groups ----
+# ---- HTTP, API: groups that are not enabled ----
 
 def test_disabled_groups_answer_404_with_the_documented_message(start):
     daemon = start("--enable", "gpu-read")
@@ -1924,7 +1924,7 @@ def test_disabled_groups_answer_404_with_the_documented_message(start):
         "Authentication is not enabled on this server."
 
 
-# ---- §5 Sampling and streaming ----
+# ---- Sampling, and HTTP streams ----
 
 def test_stream_framing_and_first_event(daemon):
     started = time.monotonic()
@@ -2181,7 +2181,7 @@ def test_slow_stream_reader_is_dropped():
     right.close()
 
 
-# ---- §9 GPU command overrides ----
+# ---- GPU command overrides, and their TOML subset ----
 
 TOML_DOCUMENTS = [
     '[set_power_limit]\ncommands = ["sudo /usr/local/bin/set_powercap.sh -value {power_limit_w} '
@@ -2366,7 +2366,7 @@ def test_overrides_let_gpu_control_run_without_root():
             daemon.stop()
 
 
-# ---- §10 Metrics ----
+# ---- HTTP, metrics ----
 
 def scrape(daemon, token_text=None):
     """{(name, frozenset of label pairs): value} of a /metrics answer."""
@@ -2471,7 +2471,8 @@ def test_metrics_follow_token_scopes_and_gpus(key_path, start):
     node_wide = ("zeusd_http_requests_total", "zeusd_gpu_control_operations_total",
                  "zeusd_stream_subscribers")
     assert not any(name in node_wide for name, _ in limited)
-    assert any(name == "zeusd_http_requests_total" for name, _ in scrape(daemon, token(["cpu-read"])))
+    assert any(name == "zeusd_http_requests_total"
+               for name, _ in scrape(daemon, token(["cpu-read"])))
     disabled = start("--enable", "gpu-control", socket_name="control-only.sock")
     assert "Neither API group" in error_of(disabled.get("/metrics"), 404)
 
@@ -2542,7 +2543,7 @@ def test_prometheus_scrapes_the_daemon(node, key_path, start, with_auth):
             server.wait(timeout=30)
 
 
-# ---- zeusd status ----
+# ---- Status: zeusd status ----
 
 def status_cli(*args, **options):
     return run_cli("status", *args, **options)
@@ -2720,7 +2721,7 @@ def test_status_watch_redraws_reconnects_and_marks_what_stopped(node, start):
         assert watcher.wait(TIMEOUT) == 0
 
 
-# ---- §8 Logging ----
+# ---- Logging ----
 
 def test_request_log_lines_and_level(node, key_path, start):
     daemon = start("--enable", "gpu-read", env={"ZEUSD_LOG": "debug"})
@@ -2817,7 +2818,7 @@ def test_rapl_counter_wraparound(tmp_path):
     assert readings == [950, 1010, 1020, 1999, 2005, 2005]
 
 
-# ---- §4 Authentication ----
+# ---- Authentication ----
 
 KEY = b"c2VjcmV0LWtleS1mb3ItdGVzdHMtb25seS0xMjM0NTY=\n"
 
@@ -3219,7 +3220,7 @@ def test_pyjwt_interoperability(key_path, auth_daemon):
     assert auth_daemon.get("/gpu/get_power", token=other).status == 401
 
 
-# ---- Bounded waits and fair share: hung devices, greedy clients, commands that never end ----
+# ---- Bounded waits, fair share, bounded overrides, logs under volume, small files ----
 
 def connect_from(daemon, source):
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

@@ -10,27 +10,43 @@ scopes. Standard library only, plus pynvml (nvidia-ml-py); Python 3.6 or newer.
     python zeusd.py token issue --help
     python zeusd.py status --help
 
-The file reads in the order a request meets it:
+The file reads from the devices up; each section starts with a `# ---- Name: its job ----` line:
   configuration    API groups, durations, whole-value patterns
-  logging          LineFormatter, log_fast (request lines), TimedLibrary (NVML at debug)
-  errors           StartupError, DeviceError (what failed, not how HTTP says it), HttpError
-  auth             verify_token, Authenticator: HS256 tokens, scopes, gpus, key reload
-  GPUs             GpuBackend (the interface), NvmlBackend
+  logging          LineStyle (time or journald priority), audit, RequestLines (rate-limited)
+  errors           StartupError, DeviceError (what failed, not how HTTP says it), ReadErrors,
+                   HttpError
+  files            read_small_file: key, override and state files, regular and small
+  authentication   verify_token, Authenticator: HS256 tokens, scopes, gpus, key reload
+  GPUs             GpuBackend (the interface), NvmlBackend, TimedLibrary (NVML at debug)
   TOML subset      TomlReader: the override file's syntax, read as tomllib reads it
-  GPU overrides    load_overrides, CommandOverride, OverriddenBackend
+  GPU overrides    load_overrides, CommandOverride, run_command (bounded), OverriddenBackend
   CPUs             RaplCounter, RaplPackage, RaplWrapGuard
+  bounded waits    wait_until, BoundedCalls: request-path reads with a time limit
   GPU control      ControlJob (with its audit line), GpuControl: one worker per GPU
-  sampling         Sample, GpuPowerMeter, CpuPowerMeter, StreamSubscriber, Sampler
+  sampling         Sample, FailureLog, GpuPowerMeter, CpuPowerMeter, Sampler (its subscriber
+                   protocol in its docstring)
   node             Node: the devices, samplers and workers the enabled groups need
   HTTP replies     Reply, and the DeviceError -> status mapping
   HTTP parameters  parse_query and its value parsers, select_ids
-  HTTP API         Api.handle(request): route, group gate, auth, method, parameters, handler
+  HTTP API         Api.handle(request): group gate, auth, route, method, parameters, handler
   HTTP metrics     Metrics: request counts and the Prometheus scrape
-  HTTP wire        RequestReader (framing and limits), HttpConnection (serve, reply, stream)
-  servers          ConnectionCap with its Rejecter, TcpServer, UnixServer, bind_unix_socket
-  status           `zeusd status`: DaemonClient, the table, StreamFollower
+  HTTP streams     PowerRendering (bodies and SSE events, once per sample), SseSubscriber
+  HTTP wire        parse_head, RequestReader (framing and limits), Caller (who asks),
+                   HttpConnection (serve, reply, stream)
+  servers          ConnectionCap with its Rejecter and fair share, TcpServer, UnixServer
+  status           `zeusd status`: HttpReader, DaemonClient, the table, StreamFollower
   command line     build_parser and its flag types
   main             serve (startup order, signals), issue, main
+Everything below HTTP knows nothing of it; background workers (GpuControl, RaplWrapGuard,
+Sampler, Rejecter) have start() and stop().
+
+The route of `GET /gpu/get_power`: ConnectionCap.process_request admits the connection (cap,
+fair share) and starts HttpConnection on a thread; RequestReader.next_request reads the head
+(parse_head, or the same Request again for a repeated head); Api.handle gates the group,
+authenticates, routes to Api.gpu_power, which takes Api.gpus_for the ids and Api.power the
+values: Sampler.current gives a fresh Sample (read by the relays through
+GpuPowerMeter -> NvmlBackend.power_mw), PowerRendering.power renders its body once; the
+connection writes reply_bytes in one sendall, counts it and logs it (RequestLines).
 """
 
 import argparse
@@ -140,6 +156,12 @@ def parse_duration(text):
 
 LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
               "warn": logging.WARNING, "error": logging.ERROR}
+
+
+def shown(text, limit=64):
+    """text cut to at most limit characters ("..." at the end when cut): how a message quotes
+    what a client, a device or a command sent."""
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def escape_unprintable(text):
@@ -295,28 +317,6 @@ class RequestLines:
 
 
 REQUEST_LINES = RequestLines()
-
-
-class TimedLibrary:
-    """A device library whose calls are logged at DEBUG with their duration (only used when
-    ZEUSD_LOG=debug, so that the normal path pays nothing)."""
-
-    def __init__(self, library):
-        self.library = library
-
-    def __getattr__(self, name):
-        value = getattr(self.library, name)
-        if not name.startswith("nvml") or not callable(value):
-            return value
-
-        def timed(*args):
-            started = time.perf_counter()
-            try:
-                return value(*args)
-            finally:
-                log.debug("%s: %.1f us", name, (time.perf_counter() - started) * 1e6)
-        timed.__name__ = name
-        return timed
 
 
 # ---- Errors: how the startup, a device operation or a request fails ----
@@ -783,6 +783,28 @@ class NvmlBackend(GpuBackend):
         self._call(self.nvml.nvmlDeviceResetMemoryLockedClocks, index)
 
 
+class TimedLibrary:
+    """A device library whose calls are logged at DEBUG with their duration (only used when
+    ZEUSD_LOG=debug, so that the normal path pays nothing)."""
+
+    def __init__(self, library):
+        self.library = library
+
+    def __getattr__(self, name):
+        value = getattr(self.library, name)
+        if not name.startswith("nvml") or not callable(value):
+            return value
+
+        def timed(*args):
+            started = time.perf_counter()
+            try:
+                return value(*args)
+            finally:
+                log.debug("%s: %.1f us", name, (time.perf_counter() - started) * 1e6)
+        timed.__name__ = name
+        return timed
+
+
 def open_gpu_backend():
     """NVML's GPUs; a backend without GPUs (and a warning) where pynvml or the driver is absent."""
     try:
@@ -1048,7 +1070,8 @@ def run_command(argv, timeout_s, error_pattern):
             reason = "printed output matching error_pattern %r" % error_pattern.pattern
     if reason is not None:
         raise DeviceError("failed", "command '%s' %s; stdout: %s; stderr: %s" % (
-            shown_command, reason, clip(out), clip(err)))
+            shown_command, reason, shown(out.strip(), OUTPUT_SHOWN),
+            shown(err.strip(), OUTPUT_SHOWN)))
 
 
 def collect_output(process, deadline):
@@ -1119,11 +1142,6 @@ def pattern_matches(pattern, text):
         process.kill()
         process.wait()
     return {0: True, 1: False}.get(process.returncode)
-
-
-def clip(text):
-    text = text.strip()
-    return text if len(text) <= OUTPUT_SHOWN else text[:OUTPUT_SHOWN] + "..."
 
 
 def load_overrides(path):
@@ -1382,12 +1400,18 @@ def find_dram(zone, entry):
 
 
 class RaplWrapGuard:
-    """Reads each RAPL counter that nobody read for 30 s, so that no wraparound goes unseen."""
+    """Reads each RAPL counter that nobody read for 30 s, so that no wraparound goes unseen.
+    A background worker: start() starts its thread, stop() ends it."""
 
     def __init__(self, packages):
         self.packages = packages
         self.stopped = threading.Event()
-        self.thread = threading.Thread(target=self.run, name="rapl-guard", daemon=True)
+
+    def start(self):
+        threading.Thread(target=self.run, name="rapl-guard", daemon=True).start()
+
+    def stop(self):
+        self.stopped.set()
 
     def run(self):
         while True:
@@ -1562,16 +1586,23 @@ class ControlJob:
 
 
 class GpuControl:
-    """Per-GPU command queues (at most 64 waiting) and their worker threads."""
+    """Per-GPU command queues (at most 64 waiting) and their worker threads. A background
+    worker: start() starts the threads, stop() ends each after the command it is running."""
 
     def __init__(self, backend):
         self.backend = backend
         self.lock = threading.Lock()
         self.counts = collections.Counter()  # (operation, "ok" or "error") -> operations run
         self.queues = [queue.Queue() for _ in backend.gpus]
+
+    def start(self):
         for index, jobs in enumerate(self.queues):
             threading.Thread(target=self.work, args=(jobs,), name="gpu%d-control" % index,
                              daemon=True).start()
+
+    def stop(self):
+        for jobs in self.queues:
+            jobs.put(None)
 
     def submit(self, ids, operation, args, named, who):
         """Queue the command on every GPU in ids, or on none if one of their queues is full;
@@ -1588,8 +1619,10 @@ class GpuControl:
         return jobs
 
     def work(self, jobs):
-        while True:
-            jobs.get().run(self.backend, self.counts, self.lock)
+        job = jobs.get()
+        while job is not None:
+            job.run(self.backend, self.counts, self.lock)
+            job = jobs.get()
 
 
 # ---- Sampling: demand-driven samplers, one read per device per tick, isolated from hangs ----
@@ -1959,17 +1992,18 @@ class Node:
         self.cpu_sampler = Sampler(cpu_hz, CpuPowerMeter(self.cpus, 1.0 / cpu_hz))
         self.guard = RaplWrapGuard(self.cpus) if self.cpus else None
 
+    def workers(self):
+        """The node's background workers, each with start() and stop()."""
+        return [worker for worker in (self.control, self.gpu_sampler, self.cpu_sampler,
+                                      self.guard) if worker is not None]
+
     def start(self):
-        self.gpu_sampler.start()
-        self.cpu_sampler.start()
-        if self.guard:
-            self.guard.thread.start()
+        for worker in self.workers():
+            worker.start()
 
     def stop(self):
-        self.gpu_sampler.stop()
-        self.cpu_sampler.stop()
-        if self.guard:
-            self.guard.stopped.set()
+        for worker in reversed(self.workers()):
+            worker.stop()
 
 
 # ---- HTTP, replies: the one reply type, and how device errors map to statuses ----
@@ -2028,10 +2062,6 @@ U32_MAX = 2 ** 32 - 1
 
 def bad_request(message):
     return HttpError(400, message)
-
-
-def shown(text):
-    return text if len(text) <= 64 else text[:61] + "..."
 
 
 def parse_bool(name, text):
@@ -3148,14 +3178,23 @@ class Rejecter:
     """Answers connections beyond the cap without a thread each and without delaying the
     accept loop: the 503 goes out at once (non-blocking), then one thread drains what each
     client still sends (epoll, any descriptor number) for a moment, so that it reads the 503
-    rather than a reset, and closes it."""
+    rather than a reset, and closes it. A background worker: start() starts its thread, stop()
+    ends it."""
 
     def __init__(self):
         self.epoll = select.epoll()
         self.pending = collections.OrderedDict()  # fd -> (socket, deadline), oldest first
         self.lock = threading.Lock()
         self.arrived = threading.Condition(self.lock)
-        self.thread = threading.Thread(target=self.run, name="rejecter", daemon=True)
+        self.stopped = False
+
+    def start(self):
+        threading.Thread(target=self.run, name="rejecter", daemon=True).start()
+
+    def stop(self):
+        with self.lock:
+            self.stopped = True
+            self.arrived.notify()
 
     def reject(self, sock, answer):
         try:
@@ -3182,8 +3221,10 @@ class Rejecter:
     def run(self):
         while True:
             with self.lock:
-                while not self.pending:
+                while not self.pending and not self.stopped:
                     self.arrived.wait()
+                if self.stopped:
+                    return
                 wait = max(0.0, next(iter(self.pending.values()))[1] - time.monotonic())
             events = self.epoll.poll(min(wait, REJECT_LINGER_S))
             with self.lock:
@@ -3225,7 +3266,7 @@ class ConnectionCap(socketserver.ThreadingMixIn):
         self.count_lock = threading.Lock()
         self.streams_done = threading.Condition(self.count_lock)
         self.rejecter = Rejecter()
-        self.rejecter.thread.start()
+        self.rejecter.start()
 
     def get_request(self):
         try:
@@ -3295,6 +3336,10 @@ class ConnectionCap(socketserver.ThreadingMixIn):
 
     def handle_error(self, request, client_address):
         log.exception("error on a connection")
+
+    def server_close(self):
+        self.rejecter.stop()
+        super().server_close()
 
     def stream_started(self):
         with self.count_lock:
@@ -3473,7 +3518,7 @@ def open_server(args, api):
         server.lock_fd = lock_fd  # held, never closed: the lock lasts as long as the daemon
         return server
     host, port = args.tcp_bind_address
-    shown_address = "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
+    shown_address = "%s:%d" % (bracketed(host), port)
     try:
         family, _, _, _, address = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)[0]
         return TcpServer(family, address, api, args.max_connections, per_client)
@@ -3511,9 +3556,9 @@ class StatusError(Exception):
 
 def printable(value, limit=200):
     """Text from the daemon as it may reach a terminal: printable characters only (no escape
-    sequences: no clipboard writes, title changes or screen clears), at most limit of them."""
-    text = "".join(char if char.isprintable() else "?" for char in str(value)[:limit])
-    return text
+    sequences: no clipboard writes, title changes or screen clears), shown() within limit."""
+    return shown("".join(char if char.isprintable() else "?" for char in str(value)[:limit + 1]),
+                 limit)
 
 
 class HttpReader:
