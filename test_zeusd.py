@@ -236,8 +236,8 @@ POWER_SETTERS = ("nvmlDeviceSetPowerManagementLimit", "nvmlDeviceSetPersistenceM
                  "nvmlDeviceSetMemoryLockedClocks", "nvmlDeviceResetMemoryLockedClocks")
 POWER_READS = ("nvmlDeviceGetFieldValues", "nvmlDeviceGetPowerUsage")
 # An idle daemon with every group: main, accept, rejecter, two relays for each of the two
-# samplers, the RAPL guard, a worker per GPU.
-IDLE_THREADS = 8 + len(GPUS)
+# samplers, the RAPL guard, the holds watcher, a worker per GPU.
+IDLE_THREADS = 9 + len(GPUS)
 # An idle daemon with --enable gpu-read: main, accept, rejecter, two relays for each sampler.
 READ_ONLY_IDLE_THREADS = 7
 
@@ -463,6 +463,9 @@ class Daemon(object):
         skip_unless_root_may_start(args)
         command = [options.get("python", PYTHON), options.get("script", ZEUSD), "serve",
                    "--mode", self.mode, "--rapl-dir", node.rapl]
+        if "--state-dir" not in args and "--no-restore" not in args:
+            command += ["--state-dir", options.get("state_dir", os.path.join(node.root,
+                                                                             "state"))]
         if self.mode == "uds":
             command += ["--socket-path", self.socket_path]
         else:
@@ -651,7 +654,7 @@ def hung():
     run out while the other tests run: test_a_hung_gpu_answers_within_the_limits, last)."""
     root = tempfile.mkdtemp(prefix="zeusd-hung-")
     node = FakeNode(root)
-    daemon = Daemon(node)
+    daemon = Daemon(node, "--no-restore")
     node.update(delay={"nvmlDeviceGetTotalEnergyConsumption": {"0": 300},
                        "nvmlDeviceSetPowerManagementLimit": {"0": 300}})
 
@@ -1073,7 +1076,7 @@ def test_socket_swapped_for_a_symlink_changes_no_other_file(node, start):
                              preexec_fn=as_nobody, stdout=subprocess.PIPE)
     try:
         assert racer.stdout.readline() == b"ready\n"
-        for _ in range(40):
+        for _ in range(30):
             daemon = start("--enable", "gpu-read", "--socket-path", socket_path,
                            "--socket-permissions", "666", "--socket-uid", "65534", wait=False)
             wait_for(lambda: "listening on" in daemon.log() or daemon.process.poll() is not None,
@@ -3285,7 +3288,7 @@ def test_override_output_and_matching_are_bounded(node, start, overrides):
                      'error_pattern = "(a|aa)+$"\n'
                      '[reset_gpu_locked_clocks]\ncommands = ["sh -c \'setsid sleep 41.5 & '
                      'sleep 30\'"]\ntimeout_s = 1\n' % slow_pattern)
-    daemon = start("--gpu-command-overrides", path)
+    daemon = start("--gpu-command-overrides", path, "--no-restore")
     pid = daemon.process.pid
     resident = proc_status(pid, "VmRSS")
     response = daemon.post("/gpu/set_power_limit?gpu_ids=0&power_limit_mw=200000&block=true")

@@ -51,6 +51,7 @@ connection writes reply_bytes in one sendall, counts it and logs it (RequestLine
 
 import argparse
 import base64
+import binascii
 import collections
 import ctypes
 import errno
@@ -61,6 +62,7 @@ import hmac
 import json
 import logging
 import os
+import pwd
 import queue
 import re
 import resource
@@ -96,6 +98,7 @@ STREAM_FORMAT_CLIENTS = {
     "all-devices": "for Zeus 0.15 and older; Zeus 0.16 and newer need --stream-format "
                    "per-device, the default"}
 DEFAULT_SOCKET_PATH = "/run/zeusd/zeusd.sock"
+DEFAULT_STATE_DIR = "/run/zeusd"
 RAPL_DIRS = ("/sys/class/powercap/intel-rapl", "/zeus_sys/class/powercap/intel-rapl")
 DURATION_UNITS = {}
 for _names, _seconds in ((("s", "sec", "secs", "second", "seconds"), 1),
@@ -327,7 +330,8 @@ class StartupError(Exception):
 
 class DeviceError(Exception):
     """A device operation that failed. kind says how, for the API to map to a status:
-    invalid-argument, not-supported, no-permission, busy, timeout or failed."""
+    invalid-argument, not-supported, no-permission, conflict (another owner holds the GPU),
+    busy, timeout or failed."""
 
     def __init__(self, kind, message):
         super().__init__(message)
@@ -1534,7 +1538,7 @@ class BoundedCalls:
 # ---- GPU control: one worker thread per GPU, commands run one at a time in arrival order ----
 
 CONTROL_QUEUE_LIMIT = 64
-CLIENT_ERROR_KINDS = ("invalid-argument", "not-supported")
+CLIENT_ERROR_KINDS = ("invalid-argument", "not-supported", "conflict")
 
 
 class ControlJob:
@@ -1544,9 +1548,10 @@ class ControlJob:
     whether its caller had already been answered that it took too long."""
 
     __slots__ = ("gpu", "operation", "args", "named", "who", "limit_s", "deadline", "done",
-                 "error", "answered")
+                 "error", "answered", "claim")
 
-    def __init__(self, gpu, operation, args, named, who, limit_s):
+    def __init__(self, gpu, operation, args, named, who, limit_s, claim=None):
+        self.claim = claim  # called first: may refuse the change, or give back how to undo a hold
         self.gpu = gpu
         self.operation = operation
         self.args = args
@@ -1559,13 +1564,18 @@ class ControlJob:
         self.answered = False
 
     def run(self, backend, counts, counts_lock):
+        undo = None
         try:
+            if self.claim is not None:
+                undo = self.claim(self.gpu)
             getattr(backend, self.operation)(self.gpu, *self.args)
         except DeviceError as err:
             self.error = err
         except Exception as err:
             self.error = DeviceError("failed", "%s failed on GPU %d: %s"
                                      % (self.operation, self.gpu, err))
+        if self.error is not None and undo is not None:
+            undo()
         result = "ok" if self.error is None else "error"
         with counts_lock:
             counts[self.operation, result] += 1
@@ -1604,25 +1614,477 @@ class GpuControl:
         for jobs in self.queues:
             jobs.put(None)
 
-    def submit(self, ids, operation, args, named, who):
+    def submit(self, ids, operation, args, named, who, claim=None):
         """Queue the command on every GPU in ids, or on none if one of their queues is full;
-        named ('power_limit_mw=200000') and who (the caller) are for the audit line."""
+        named ('power_limit_mw=200000') and who (the caller) are for the audit line, claim
+        (see ControlJob) for the holds."""
         limit_s = self.backend.limit_s(operation)
         with self.lock:
             for index in ids:
                 if self.queues[index].qsize() >= CONTROL_QUEUE_LIMIT:
                     raise DeviceError("busy", "GPU %d is busy: %d commands are waiting"
                                       % (index, CONTROL_QUEUE_LIMIT))
-            jobs = [ControlJob(index, operation, args, named, who, limit_s) for index in ids]
+            jobs = [ControlJob(index, operation, args, named, who, limit_s, claim)
+                    for index in ids]
             for job in jobs:
                 self.queues[job.gpu].put(job)
         return jobs
+
+    def enqueue(self, job):
+        """Queue a job of the daemon's own (a restore) on its GPU, whatever the queue holds."""
+        self.queues[job.gpu].put(job)
 
     def work(self, jobs):
         job = jobs.get()
         while job is not None:
             job.run(self.backend, self.counts, self.lock)
             job = jobs.get()
+
+
+# ---- Holds: who changed which GPU, the settings to put back, the state file of the node ----
+
+HOLDS_FILE = "holds.json"
+HOLDS_LOCK = "holds.lock"
+WATCH_INTERVAL_S = 1.0  # how often session leaders are polled where pidfd_open is missing
+PIDFD_OPEN = getattr(os, "pidfd_open", None)  # Python 3.9 and Linux 5.3 or newer
+RESTORE_WAIT_S = 30.0  # how long a release waits for a GPU's restore
+RESTORE_STOP_S = 2.0  # how long a stopping daemon waits for restores at least
+RESTORE_OPERATIONS = ("set_power_limit", "set_persistence_mode", "reset_locked_clocks")
+# An owner: a uid and the login session it asked from (UDS), or a token's user and expiry (TCP).
+Owner = collections.namedtuple("Owner", "uid user session exp")
+
+
+def process_start(pid):
+    """The start time of a live process (clock ticks since boot), or None."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as stat_file:
+            return int(stat_file.read().rpartition(b")")[2].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def session_of(pid):
+    """[leader pid, leader start time] of a process's login session, or None. The start time
+    tells a session from a later one whose leader got the same pid."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as stat_file:
+            leader = int(stat_file.read().rpartition(b")")[2].split()[3])
+    except (OSError, ValueError, IndexError):
+        return None
+    return [leader, process_start(leader) or 0] if leader > 0 else None
+
+
+def alive(process):
+    """Whether a [pid, start time] pair is a process still running."""
+    return bool(process[1]) and process_start(process[0]) == process[1]
+
+
+def iso_time(milliseconds):
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(milliseconds // 1000))
+
+
+def check_state_directory(path, socket_directory):
+    """Create the state directory if missing (0700; 0755 when it is also the socket's); exit 1
+    naming it if it is a symlink, not a directory, not the daemon's user's, writable by others
+    or not writable."""
+    if not os.path.lexists(path):
+        try:
+            os.mkdir(path, 0o755 if os.path.abspath(path) == socket_directory else 0o700)
+        except OSError as err:
+            raise StartupError("cannot create the state directory %s: %s (--state-dir; "
+                               "--no-restore keeps no state)" % (path, err.strerror or err))
+    info = os.lstat(path)
+    problem = ("is a symlink" if stat.S_ISLNK(info.st_mode) else
+               "is not a directory" if not stat.S_ISDIR(info.st_mode) else
+               "is owned by uid %d, not the daemon's" % info.st_uid
+               if info.st_uid != os.geteuid() else
+               "is writable by others (mode %04o)" % (info.st_mode & 0o7777)
+               if info.st_mode & 0o022 else None)
+    if problem is None and not os.access(path, os.W_OK | os.X_OK):
+        problem = "is not writable by the daemon"
+    if problem is not None:
+        raise StartupError("the state directory %s %s: the daemon keeps the GPUs' saved "
+                           "settings there (--state-dir; --no-restore keeps no state)"
+                           % (path, problem))
+
+
+class HoldStore:
+    """holds.json in the state directory: {gpu: hold} of every daemon that uses the directory.
+    Each change is a read-modify-write under an exclusive flock of holds.lock, the file written
+    whole and atomically (temp file, fsync, rename); a file that is not the daemon's user's
+    0600 regular file of JSON holds is moved aside with an ERROR line and counts as empty."""
+
+    def __init__(self, directory):
+        self.directory = directory
+        self.path = os.path.join(directory, HOLDS_FILE)
+        self.lock_path = os.path.join(directory, HOLDS_LOCK)
+        self.seen = (None, {})  # (the file's identity and mtime, its holds) as last read
+
+    def update(self, change):
+        """change(holds) under the lock, the file rewritten if holds changed; its outcome."""
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            holds = self.load(moving_aside=True)
+            before = json.dumps(holds, sort_keys=True)
+            outcome = change(holds)
+            if json.dumps(holds, sort_keys=True) != before:
+                self.save(holds)
+            return outcome
+        finally:
+            os.close(fd)
+
+    def current(self):
+        """The holds as the file has them now (read without the lock: writes are atomic)."""
+        return self.load(moving_aside=False)
+
+    def load(self, moving_aside):
+        try:
+            info = os.stat(self.path)
+        except FileNotFoundError:
+            return {}
+        except OSError:
+            info = None
+        identity = info and (info.st_ino, info.st_mtime_ns, info.st_size)
+        if identity is not None and identity == self.seen[0]:
+            return json.loads(json.dumps(self.seen[1]))
+        problem = None
+        try:
+            data, opened = read_small_file(self.path)
+            if opened.st_uid != os.geteuid() or opened.st_mode & 0o077:
+                problem = "is not the daemon's user's, or others may read or write it (uid %d, " \
+                          "mode %04o)" % (opened.st_uid, opened.st_mode & 0o7777)
+            else:
+                holds = parse_holds(data)
+                self.seen = ((opened.st_ino, opened.st_mtime_ns, opened.st_size), holds)
+                return json.loads(json.dumps(holds))
+        except OSError as err:
+            problem = "cannot be read: %s" % (err.strerror or err)
+        except ValueError as err:
+            problem = "does not parse: %s" % err
+        if moving_aside:
+            aside = "%s.bad-%s" % (self.path, time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
+            try:
+                os.rename(self.path, aside)
+            except OSError as err:
+                aside = "nowhere (%s)" % (err.strerror or err)
+            log.error("the state file %s %s; moved it to %s and started with no holds",
+                      self.path, problem, aside)
+        return {}
+
+    def save(self, holds):
+        data = json.dumps({"holds": holds}, sort_keys=True).encode()
+        temp = "%s.%d.tmp" % (self.path, os.getpid())
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(temp, self.path)
+        directory = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+
+
+HOLD_KEYS = {"id": str, "since_ms": int, "saved": dict, "daemon": list, "sessions": list}
+
+
+def parse_holds(data):
+    """{gpu: hold} from the state file's bytes; ValueError unless every hold has its fields."""
+    try:
+        document = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, RecursionError):
+        raise ValueError("not UTF-8 JSON")
+    holds = document.get("holds") if isinstance(document, dict) else None
+    if not isinstance(holds, dict):
+        raise ValueError("no 'holds' object")
+    for key, hold in holds.items():
+        if not DIGITS.fullmatch(key) or not isinstance(hold, dict) or not all(
+                isinstance(hold.get(name), kind) for name, kind in HOLD_KEYS.items()):
+            raise ValueError("hold %r is not a hold" % shown(key))
+    return holds
+
+
+class RestoreJob:
+    """Puts a GPU's saved settings back, on its control worker: the power limit, then the
+    persistence mode, then both locked clocks reset; one audit line, and the hold ends whatever
+    the outcome (a failure is logged at ERROR and counted)."""
+
+    __slots__ = ("gpu", "hold", "reason", "holds", "done", "error")
+
+    def __init__(self, gpu, hold, reason, holds):
+        self.gpu = gpu
+        self.hold = hold
+        self.reason = reason
+        self.holds = holds
+        self.done = threading.Event()
+        self.error = None
+
+    def run(self, backend, counts, counts_lock):
+        saved, problems = self.hold["saved"], []
+        steps = [(backend.reset_locked_clocks, ())]
+        if saved.get("persistence_mode") is not None:
+            steps.insert(0, (backend.set_persistence_mode, (bool(saved["persistence_mode"]),)))
+        if saved.get("power_limit_mw") is not None:
+            steps.insert(0, (backend.set_power_limit, (saved["power_limit_mw"],)))
+        for step, args in steps:
+            try:
+                step(self.gpu, *args)
+            except DeviceError as err:
+                problems.append(err.message)
+            except Exception as err:
+                problems.append("%s failed on GPU %d: %s" % (step.__name__, self.gpu, err))
+        if problems:
+            self.error = DeviceError("failed", "restoring GPU %d: %s" % (self.gpu,
+                                                                       "; ".join(problems)))
+        self.holds.restored(self, "ok" if not problems else "error")
+        persistence = saved.get("persistence_mode")
+        audit(bool(problems), "restore gpu=%d power_limit_mw=%s persistence=%s clocks=reset "
+              "reason=%s: %s", self.gpu, saved.get("power_limit_mw"),
+              "-" if persistence is None else int(bool(persistence)), self.reason,
+              "ok" if not problems else "error: " + self.error.message)
+        self.done.set()
+
+
+class Holds:
+    """Who holds each GPU's settings, and putting them back when the holder is gone.
+
+    The first change an owner makes to a GPU records the GPU's settings as they were (a hold),
+    before the change runs, on the GPU's worker; later changes by the same owner extend it.
+    Changes by others are refused (409) while it lasts; uid 0 over UDS is never refused. One
+    watcher thread restores a hold when the owner's last session has ended (UDS owners), when
+    its token expires (TCP owners), or when the daemon that recorded it is gone and so is its
+    owner; it wakes on the session leaders' pidfds, or polls /proc once a second where
+    pidfd_open is missing, and sleeps while this daemon holds nothing. A background worker:
+    start() adopts the holds of daemons no longer running and starts the watcher, stop() ends
+    it.
+    """
+
+    def __init__(self, store, control, backend):
+        self.store = store
+        self.control = control
+        self.backend = backend
+        self.me = [os.getpid(), process_start(os.getpid())]
+        self.lock = threading.Lock()
+        self.restores = collections.Counter()  # (gpu, reason, result) -> restores
+        self.stopped = False
+        self.wake_read, self.wake_write = os.pipe()
+        self.pidfds = {}  # session leader pid -> its pidfd
+
+    # Changes and releases, for the API
+
+    def conflict(self, owner, ids):
+        """The 409 message for the first of ids another owner holds, or None."""
+        holds = self.store.current()
+        for gpu in ids:
+            hold = holds.get(str(gpu))
+            if hold is not None and not self.may_change(owner, hold):
+                return self.held_message(gpu, hold)
+        return None
+
+    @staticmethod
+    def may_change(owner, hold):
+        if hold.get("restoring"):
+            return True
+        if owner is None:
+            return False
+        if owner.uid == 0:
+            return True
+        if owner.uid is not None:
+            return hold.get("uid") == owner.uid
+        return hold.get("uid") is None and hold.get("user") == owner.user
+
+    @staticmethod
+    def held_message(gpu, hold):
+        since = iso_time(hold["since_ms"])
+        if hold.get("uid") is not None:
+            sessions = hold["sessions"]
+            return ("GPU %d is held by uid %d (session %s, since %s): its settings are restored "
+                    "when that session ends or releases it." % (
+                        gpu, hold["uid"], sessions[0][0] if sessions else "-", since))
+        return ("GPU %d is held by user '%s' (since %s): its settings are restored when that "
+                "user's token expires or it releases it." % (gpu, hold.get("user"), since))
+
+    def claim(self, owner):
+        """The claim a ControlJob makes before its change (see ControlJob): refuses a GPU held
+        by another owner; for an owner, records the GPU's settings first as a new hold, or
+        adds the session to its hold."""
+        def claim(gpu):
+            if owner is None:
+                message = self.conflict(None, (gpu,))
+                if message is not None:
+                    raise DeviceError("conflict", message)
+                return None
+            saved = {"power_limit_mw": self.backend.power_limit_mw(gpu),
+                     "persistence_mode": self.backend.persistence_mode(gpu),
+                     "gpu_locked_clocks": "reset", "mem_locked_clocks": "reset"}
+
+            def change(holds):
+                hold = holds.get(str(gpu))
+                if hold is not None and not hold.get("restoring"):
+                    if not self.may_change(owner, hold):
+                        raise DeviceError("conflict", self.held_message(gpu, hold))
+                    same = owner.uid == hold.get("uid") if owner.uid is not None else True
+                    if same and owner.session and owner.session not in hold["sessions"]:
+                        hold["sessions"].append(owner.session)
+                    return None
+                holds[str(gpu)] = {
+                    "id": binascii.hexlify(os.urandom(8)).decode(), "uid": owner.uid,
+                    "user": owner.user, "exp": owner.exp,
+                    "sessions": [owner.session] if owner.session else [],
+                    "since_ms": int(time.time() * 1000), "saved": saved, "daemon": self.me}
+                return holds[str(gpu)]["id"]
+            hold_id = self.store.update(change)
+            self.wake()
+            return None if hold_id is None else lambda: self.forget(gpu, hold_id)
+        return claim
+
+    def forget(self, gpu, hold_id):
+        """End a hold whose change failed: nothing to put back."""
+        def change(holds):
+            if holds.get(str(gpu), {}).get("id") == hold_id:
+                del holds[str(gpu)]
+        self.store.update(change)
+
+    def release(self, owner, ids, gone=None):
+        """Restore the GPUs of ids (None: every GPU the owner may release) that are held:
+        {gpu: DeviceError} of those whose restore failed; DeviceError("conflict") if one is
+        another owner's (nothing is restored then)."""
+        def change(holds):
+            chosen = []
+            for key, hold in sorted(holds.items()):
+                if hold.get("restoring") or (ids is not None and int(key) not in ids):
+                    continue
+                if owner is None or not (owner.uid == 0 or self.may_change(owner, hold)):
+                    if ids is None:
+                        continue
+                    raise DeviceError("conflict", self.held_message(int(key), hold))
+                chosen.append(key)
+            return [self.mark(holds, key, "released") for key in chosen]
+        jobs = self.store.update(change)
+        for job in jobs:
+            self.control.enqueue(job)
+        errors = {}
+        for job in jobs:
+            if not wait_until(job.done, time.monotonic() + RESTORE_WAIT_S, gone):
+                errors[job.gpu] = DeviceError("timeout", "GPU %d did not finish its restore "
+                                              "within %d s" % (job.gpu, RESTORE_WAIT_S))
+            elif job.error is not None:
+                errors[job.gpu] = job.error
+        return errors
+
+    def mark(self, holds, key, reason):
+        """Mark a hold as being restored, this daemon doing it; its RestoreJob."""
+        hold = holds[key]
+        hold["restoring"], hold["daemon"] = reason, self.me
+        return RestoreJob(int(key), dict(hold), reason, self)
+
+    def restored(self, job, result):
+        """A RestoreJob ran: the hold ends, and the restore is counted."""
+        def change(holds):
+            if holds.get(str(job.gpu), {}).get("id") == job.hold["id"]:
+                del holds[str(job.gpu)]
+        self.store.update(change)
+        with self.lock:
+            self.restores[job.gpu, job.reason, result] += 1
+
+    def view(self):
+        """{gpu: hold} as the state file has it now, holds being restored left out."""
+        return {int(key): hold for key, hold in self.store.current().items()
+                if not hold.get("restoring")}
+
+    # The watcher
+
+    def start(self):
+        self.check()
+        threading.Thread(target=self.watch, name="holds-watcher", daemon=True).start()
+
+    def stop(self):
+        self.stopped = True
+        self.wake()
+
+    def wake(self):
+        os.write(self.wake_write, b"w")
+
+    def restore_all(self, reason):
+        """Restore every hold this daemon keeps (it is stopping), waiting for the restores."""
+        def change(holds):
+            return [self.mark(holds, key, reason) for key, hold in sorted(holds.items())
+                    if hold["daemon"] == self.me and not hold.get("restoring")]
+        jobs = self.store.update(change)
+        for job in jobs:
+            self.control.enqueue(job)
+        deadline = time.monotonic() + max([RESTORE_STOP_S] + [
+            self.backend.limit_s(operation) for operation in RESTORE_OPERATIONS])
+        for job in jobs:
+            if not job.done.wait(max(0.0, deadline - time.monotonic())):
+                log.error("GPU %d did not finish its restore before the daemon stopped; its "
+                          "hold stays in the state file for the next daemon", job.gpu)
+
+    def watch(self):
+        poller = select.poll()
+        poller.register(self.wake_read, select.POLLIN)
+        while not self.stopped:
+            leaders, expiry = self.check()
+            for leader in set(self.pidfds) - leaders:
+                poller.unregister(self.pidfds[leader])
+                os.close(self.pidfds.pop(leader))
+            polled = True
+            for leader in leaders - set(self.pidfds):
+                try:
+                    self.pidfds[leader] = PIDFD_OPEN(leader)
+                    poller.register(self.pidfds[leader], select.POLLIN)
+                except (TypeError, OSError):
+                    polled = False
+            timeout = None if polled else WATCH_INTERVAL_S
+            if expiry is not None:
+                until = max(0.0, expiry - time.time())
+                timeout = until if timeout is None else min(timeout, until)
+            for fd, _ in poller.poll(None if timeout is None else timeout * 1000 + 1):
+                if fd == self.wake_read:
+                    os.read(self.wake_read, 4096)
+        for fd in self.pidfds.values():
+            os.close(fd)
+
+    def check(self):
+        """Adopt the holds of daemons no longer running, restore those whose owner is gone;
+        (the session leaders to watch, the next token expiry) of the holds this daemon keeps."""
+        now = time.time()
+        leaders, expiries = set(), []
+
+        def change(holds):
+            jobs = []
+            for key, hold in sorted(holds.items()):
+                adopted = hold["daemon"] != self.me
+                if adopted and alive(hold["daemon"]):
+                    continue
+                if hold.get("restoring"):
+                    if adopted:
+                        jobs.append(self.mark(holds, key, hold["restoring"]))
+                    continue
+                hold["daemon"] = self.me
+                if hold.get("uid") is not None:
+                    hold["sessions"] = [session for session in hold["sessions"]
+                                        if alive(session)]
+                    gone = not hold["sessions"]
+                    leaders.update(session[0] for session in hold["sessions"])
+                else:
+                    gone = hold.get("exp") is not None and now >= hold["exp"]
+                    if not gone and hold.get("exp") is not None:
+                        expiries.append(hold["exp"])
+                if gone:
+                    reason = "owner-gone" if adopted else (
+                        "session-ended" if hold.get("uid") is not None else "token-expired")
+                    jobs.append(self.mark(holds, key, reason))
+            return jobs
+        for job in self.store.update(change):
+            self.control.enqueue(job)
+        return leaders, min(expiries) if expiries else None
 
 
 # ---- Sampling: demand-driven samplers, one read per device per tick, isolated from hangs ----
@@ -1974,7 +2436,7 @@ class Sampler:
 class Node:
     """Everything the API reads or drives on this machine."""
 
-    def __init__(self, groups, gpu_hz, cpu_hz, rapl_dir, overrides=None):
+    def __init__(self, groups, gpu_hz, cpu_hz, rapl_dir, overrides=None, hold_store=None):
         self.gpu = GpuBackend()
         self.cpus = []
         if "gpu-read" in groups or "gpu-control" in groups:
@@ -1987,6 +2449,8 @@ class Node:
         self.cpu_ids = tuple(package.index for package in self.cpus)
         self.cpu_by_id = {package.index: package for package in self.cpus}
         self.control = GpuControl(self.gpu) if "gpu-control" in groups else None
+        self.holds = Holds(hold_store, self.control, self.gpu) \
+            if self.control is not None and hold_store is not None else None
         self.gpu_calls = BoundedCalls("GPU")
         self.gpu_sampler = Sampler(gpu_hz, GpuPowerMeter(self.gpu))
         self.cpu_sampler = Sampler(cpu_hz, CpuPowerMeter(self.cpus, 1.0 / cpu_hz))
@@ -1994,8 +2458,8 @@ class Node:
 
     def workers(self):
         """The node's background workers, each with start() and stop()."""
-        return [worker for worker in (self.control, self.gpu_sampler, self.cpu_sampler,
-                                      self.guard) if worker is not None]
+        return [worker for worker in (self.control, self.holds, self.gpu_sampler,
+                                      self.cpu_sampler, self.guard) if worker is not None]
 
     def start(self):
         for worker in self.workers():
@@ -2009,8 +2473,8 @@ class Node:
 # ---- HTTP, replies: the one reply type, and how device errors map to statuses ----
 
 DEVICE_STATUS = {"invalid-argument": 400, "not-supported": 400, "no-permission": 403,
-                 "busy": 503, "timeout": 503, "failed": 500}
-SEVERITY = {500: 3, 503: 3, 403: 2, 400: 1}
+                 "conflict": 409, "busy": 503, "timeout": 503, "failed": 500}
+SEVERITY = {500: 3, 503: 3, 409: 2, 403: 2, 400: 1}
 
 
 class Reply:
@@ -2139,6 +2603,20 @@ REQUIRED_IDS = (parse_ids, True)
 BOOL = (parse_bool, True)
 U32 = (parse_u32, True)
 HEALTHY = Reply(200, b'{"status": "ok"}')
+
+
+def hold_json(hold):
+    """A hold as /gpu/holds shows it."""
+    uid = hold.get("uid")
+    user = hold.get("user")
+    if uid is not None:
+        try:
+            user = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            user = None
+    return {"uid": uid, "user": user,
+            "sessions": [session[0] for session in hold["sessions"]] if uid is not None else None,
+            "since_ms": hold["since_ms"], "saved": hold["saved"]}
 NO_ARGUMENTS = {}  # the arguments of a request without a query string, shared: never changed
 INTERNAL_ERROR = Reply(500, error_body("Internal server error; see the daemon's log."),
                        reason="internal error (traceback above)")
@@ -2201,6 +2679,8 @@ class Api:
                 "gpu-control", "POST", ctl, self.control("reset_mem_locked_clocks")),
             "/gpu/reset_locked_clocks": Route(
                 "gpu-control", "POST", ctl, self.control("reset_locked_clocks")),
+            "/gpu/release": Route("gpu-control", "POST", gpu_ids, self.release),
+            "/gpu/holds": Route("gpu-read", "GET", gpu_ids, self.holds),
             "/gpu/get_power": Route("gpu-read", "GET", gpu_ids, self.gpu_power),
             "/gpu/stream_power": Route("gpu-read", "GET", gpu_ids, self.gpu_stream),
             "/gpu/get_cumulative_energy": Route(
@@ -2340,13 +2820,52 @@ class Api:
             named = "".join(" %s=%s" % (n, str(v).lower() if isinstance(v, bool) else v)
                             for n, v in zip(arg_names, values))
             who = request.caller.peer + (" user=" + claims.sub if claims is not None else "")
+            claim, holds = None, self.node.holds
+            if holds is not None:
+                owner = self.owner(request, claims)
+                message = holds.conflict(owner, ids)
+                if message is not None:
+                    raise HttpError(409, message)
+                claim = holds.claim(owner)
             jobs = self.node.control.submit(ids, operation, values,
-                                            named + " block=%s" % str(args["block"]).lower(), who)
+                                            named + " block=%s" % str(args["block"]).lower(), who,
+                                            claim)
             if not args["block"]:
                 return EMPTY_OK
             outcomes = [(job.gpu, job.outcome(request.caller.gone)) for job in jobs]
             return errors_reply({gpu: error for gpu, error in outcomes if error is not None})
         return handler
+
+    @staticmethod
+    def owner(request, claims):
+        """Who owns the changes a request makes: over UDS the caller's uid and login session,
+        over TCP the token's user (until it expires); None (unowned) over TCP without auth."""
+        caller = request.caller
+        if caller.uid is not None:
+            return Owner(caller.uid, None, session_of(caller.pid), None)
+        if claims is not None:
+            return Owner(None, claims.sub, None, claims.exp)
+        return None
+
+    def release(self, args, claims, request):
+        requested = args.get("gpu_ids")
+        ids = None if requested is None else self.gpus_for(requested, claims)
+        if requested is None and claims is not None and claims.gpus is not None:
+            ids = self.gpus_for(None, claims)
+        holds = self.node.holds
+        if holds is None:
+            return EMPTY_OK
+        try:
+            errors = holds.release(self.owner(request, claims), ids, request.caller.gone)
+        except DeviceError as err:
+            raise HttpError(409, err.message)
+        return errors_reply(errors)
+
+    def holds(self, args, claims, request):
+        ids = self.gpus_for(args.get("gpu_ids"), claims)
+        held = self.node.holds.view() if self.node.holds is not None else {}
+        return Reply(200, json_body({str(gpu): hold_json(held[gpu]) for gpu in ids
+                                     if gpu in held}))
 
     def out_of_range(self, ids, milliwatts):
         """{gpu: error} for the GPUs whose power limit range (read at startup) excludes
@@ -2532,6 +3051,18 @@ class Metrics:
             page.family("zeusd_gpu_power_limit_%s_watts" % name, "gauge",
                         "%s power limit the GPU accepts." % what,
                         [((("gpu", i),), pair[position] / 1000.0) for i, pair in constraints])
+        holds = self.node.holds
+        if holds is not None:
+            held = holds.view()
+            page.family("zeusd_gpu_held", "gauge",
+                        "Whether a client holds the GPU's settings (restored when it is gone).",
+                        [((("gpu", i),), 1 if i in held else 0) for i in ids])
+            with holds.lock:
+                restores = sorted(holds.restores.items())
+            page.family("zeusd_gpu_restores_total", "counter",
+                        "GPU settings put back, by reason and outcome.",
+                        [((("gpu", gpu), ("reason", reason), ("result", result)), count)
+                         for (gpu, reason, result), count in restores if gpu in ids])
 
     def cpu_families(self, page):
         node = self.node
@@ -2746,7 +3277,7 @@ HEADER_FIELD = re.compile(rb"\n([^:\n]+):([^\n]*)")
 CONTENT_LENGTH = re.compile(r"[0-9]{1,18}")
 CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,8}")
 REASONS = {100: "Continue", 200: "OK", 400: "Bad Request", 401: "Unauthorized",
-           403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
+           403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed", 409: "Conflict",
            408: "Request Timeout", 413: "Content Too Large", 414: "URI Too Long",
            431: "Request Header Fields Too Large", 500: "Internal Server Error",
            503: "Service Unavailable", 505: "HTTP Version Not Supported"}
@@ -4025,6 +4556,12 @@ def build_parser():
                        help="TOML file of commands to run in place of GPU control operations "
                             "(the Rust\ndaemon's format); with at least one, gpu-control needs "
                             "no root")
+    serve.add_argument("--state-dir", default=DEFAULT_STATE_DIR, metavar="PATH",
+                       help="Where the GPUs' saved settings are kept while a client holds them, "
+                            "shared by\nthe node's daemons [default: %s]" % DEFAULT_STATE_DIR)
+    serve.add_argument("--no-restore", action="store_true",
+                       help="Leave GPU settings as clients set them, as the Rust daemon does: "
+                            "no holds,\nno 409, no state file")
     serve.add_argument("--rapl-dir", default=None,
                        help="RAPL sysfs root [default: %s, or %s if only that exists]"
                             % RAPL_DIRS)
@@ -4101,7 +4638,7 @@ def on_hangup(authenticator):
         authenticator.reload()
 
 
-def open_devices(args, groups, authenticator, overrides):
+def open_devices(args, groups, authenticator, overrides, hold_store):
     """The Node, opened on a thread of its own so that SIGTERM and SIGINT end the daemon at
     once even while a device library takes its time to initialise."""
     outcome = []
@@ -4109,7 +4646,7 @@ def open_devices(args, groups, authenticator, overrides):
     def open_node():
         try:
             outcome.append(Node(groups, args.gpu_power_poll_hz, args.cpu_power_poll_hz,
-                                args.rapl_dir or default_rapl_dir(), overrides))
+                                args.rapl_dir or default_rapl_dir(), overrides, hold_store))
         except BaseException as err:
             outcome.append(err)
     opener = threading.Thread(target=open_node, name="open-devices", daemon=True)
@@ -4136,10 +4673,15 @@ def serve(args, groups):
     if args.gpu_command_overrides is not None:
         overrides = load_overrides(args.gpu_command_overrides)
     check_privileges(groups, overrides)
+    hold_store = None
+    if "gpu-control" in groups and not args.no_restore:
+        check_state_directory(args.state_dir, os.path.dirname(os.path.abspath(args.socket_path))
+                              if args.mode == "uds" else None)
+        hold_store = HoldStore(args.state_dir)
     authenticator = None
     if args.signing_key_path is not None:
         authenticator = Authenticator(args.signing_key_path)
-    node = open_devices(args, groups, authenticator, overrides)
+    node = open_devices(args, groups, authenticator, overrides, hold_store)
     if overrides:
         log.info("GPU command overrides from %s: %s", args.gpu_command_overrides,
                  ", ".join(overrides))
@@ -4169,6 +4711,8 @@ def serve(args, groups):
     if args.mode == "uds":
         server.remove_socket()
     server.shutdown()
+    if node.holds is not None:
+        node.holds.restore_all("daemon-stopping")
     node.stop()
     server.wait_for_streams(1.0)
     server.server_close()
