@@ -1655,10 +1655,12 @@ Owner = collections.namedtuple("Owner", "uid user session exp")
 
 
 def process_start(pid):
-    """The start time of a live process (clock ticks since boot), or None."""
+    """The start time of a live process (clock ticks since boot), or None (for a process that
+    has exited too, while it waits to be reaped)."""
     try:
         with open("/proc/%d/stat" % pid, "rb") as stat_file:
-            return int(stat_file.read().rpartition(b")")[2].split()[19])
+            fields = stat_file.read().rpartition(b")")[2].split()
+        return None if fields[0] in (b"Z", b"X") else int(fields[19])
     except (OSError, ValueError, IndexError):
         return None
 
@@ -1992,6 +1994,7 @@ class Holds:
         self.store.update(change)
         with self.lock:
             self.restores[job.gpu, job.reason, result] += 1
+        self.wake()
 
     def view(self):
         """{gpu: hold} as the state file has it now, holds being restored left out."""
@@ -3697,7 +3700,6 @@ class HttpConnection(socketserver.BaseRequestHandler):
 
 # ---- Servers: TCP and Unix-socket listeners, one thread per connection, a connection cap ----
 
-ACCEPT_POLL_S = 0.1  # how soon the accept loop notices a shutdown
 OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 ACCEPT_BACKOFF_S = 0.1
 REJECT_LINGER_S = 1.0
@@ -3798,6 +3800,9 @@ class ConnectionCap(socketserver.ThreadingMixIn):
         self.streams_done = threading.Condition(self.count_lock)
         self.rejecter = Rejecter()
         self.rejecter.start()
+        self.stopping = False
+        self.stopped_accepting = threading.Event()
+        self.wake_read, self.wake_write = os.pipe()
 
     def get_request(self):
         try:
@@ -3871,6 +3876,24 @@ class ConnectionCap(socketserver.ThreadingMixIn):
     def server_close(self):
         self.rejecter.stop()
         super().server_close()
+
+    def accept_until_stopped(self):
+        """Accept connections until stop_accepting(): asleep on the listening socket and a
+        wake-up pipe, so an idle daemon does not wake, and a stop is at once."""
+        poller = select.poll()
+        poller.register(self.socket, select.POLLIN)
+        poller.register(self.wake_read, select.POLLIN)
+        while not self.stopping:
+            for fd, _ in poller.poll():
+                if fd == self.socket.fileno() and not self.stopping:
+                    self._handle_request_noblock()
+        self.stopped_accepting.set()
+
+    def stop_accepting(self):
+        """Stop the accept loop; it has stopped when this returns."""
+        self.stopping = True
+        os.write(self.wake_write, b"s")
+        self.stopped_accepting.wait()
 
     def stream_started(self):
         with self.count_lock:
@@ -4282,10 +4305,12 @@ def node_status(client, streams=None):
             with_energy), deadline, notes) or {} if with_energy else {}
         limits = client.get_or_none("/gpu/get_power_limit?gpu_ids=" + ids, deadline,
                                     notes) or {}
+        holds = client.get_or_none("/gpu/holds?gpu_ids=" + ids, deadline, []) or {}
         for gpu in gpus:
             key = str(gpu.get("id"))
             readings["gpu"][key] = (power.get(key), (energy.get(key) or {}).get("energy_mj"),
-                                    (limits.get(key) or {}).get("power_limit_mw"))
+                                    (limits.get(key) or {}).get("power_limit_mw"),
+                                    holder(holds.get(key)))
     if cpus:
         answer = client.get_or_none("/cpu/get_power", deadline, notes) or {}
         power = answer.get("power_mw") or {}
@@ -4299,6 +4324,17 @@ def node_status(client, streams=None):
     return gpus, cpus, readings, notes
 
 
+def holder(hold):
+    """Who holds a GPU, as the status table shows it."""
+    if not isinstance(hold, dict):
+        return "-"
+    if hold.get("uid") is not None:
+        sessions = hold.get("sessions") or ["-"]
+        return "uid %s%s (session %s)" % (hold["uid"], " %s" % hold["user"] if hold.get("user")
+                                          else "", sessions[0])
+    return "user '%s'" % hold.get("user")
+
+
 def scaled(value, divisor, width):
     return ("%*.1f" % (width, value / divisor)) if type(value) in (int, float) \
         else "%*s" % (width, "-")
@@ -4308,13 +4344,14 @@ def status_table(client, gpus, cpus, readings, notes):
     lines = ["%s at %s  %s" % (client.server, printable(client.where),
                                time.strftime("%Y-%m-%d %H:%M:%S"))]
     if gpus:
-        lines.append("%-4s %-28s %9s %13s %9s" % ("GPU", "NAME", "POWER W", "ENERGY J",
-                                                   "LIMIT W"))
+        lines.append("%-4s %-28s %9s %13s %9s  %s" % ("GPU", "NAME", "POWER W", "ENERGY J",
+                                                       "LIMIT W", "HOLDER"))
         for gpu in gpus:
-            power, energy, limit = readings["gpu"][str(gpu.get("id"))]
-            lines.append("%-4s %-28s %s %s %s" % (
+            power, energy, limit, held_by = readings["gpu"][str(gpu.get("id"))]
+            lines.append("%-4s %-28s %s %s %s  %s" % (
                 printable(gpu.get("id"), 4), printable(gpu.get("name", "?"), 28),
-                scaled(power, 1000.0, 9), scaled(energy, 1000.0, 13), scaled(limit, 1000.0, 9)))
+                scaled(power, 1000.0, 9), scaled(energy, 1000.0, 13), scaled(limit, 1000.0, 9),
+                printable(held_by, 60)))
     if cpus:
         lines.append("%-4s %-12s %9s %9s %13s %13s" % ("CPU", "ZONE", "POWER W", "DRAM W",
                                                          "ENERGY J", "DRAM J"))
@@ -4614,7 +4651,8 @@ def build_parser():
 # ---- Main: startup in the documented order, signals, serving, token issuing ----
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-STARTUP_SIGNAL_POLL_S = 0.05
+STARTUP_SIGNAL_POLL_S = 1.0
+DEVICES_OPENED = signal.SIGUSR1  # sent to the main thread by the thread that opened the devices
 
 
 def check_privileges(groups, overrides):
@@ -4641,7 +4679,7 @@ def on_hangup(authenticator):
 def open_devices(args, groups, authenticator, overrides, hold_store):
     """The Node, opened on a thread of its own so that SIGTERM and SIGINT end the daemon at
     once even while a device library takes its time to initialise."""
-    outcome = []
+    outcome, main = [], threading.main_thread().ident
 
     def open_node():
         try:
@@ -4649,11 +4687,12 @@ def open_devices(args, groups, authenticator, overrides, hold_store):
                                 args.rapl_dir or default_rapl_dir(), overrides, hold_store))
         except BaseException as err:
             outcome.append(err)
+        signal.pthread_kill(main, DEVICES_OPENED)
     opener = threading.Thread(target=open_node, name="open-devices", daemon=True)
     opener.start()
-    while opener.is_alive():
-        received = signal.sigtimedwait(SIGNALS, STARTUP_SIGNAL_POLL_S)
-        if received is None:
+    while not outcome:
+        received = signal.sigtimedwait(SIGNALS + (DEVICES_OPENED,), STARTUP_SIGNAL_POLL_S)
+        if received is None or received.si_signo == DEVICES_OPENED:
             continue
         if received.si_signo == signal.SIGHUP:
             on_hangup(authenticator)
@@ -4668,7 +4707,7 @@ def open_devices(args, groups, authenticator, overrides, hold_store):
 
 
 def serve(args, groups):
-    signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS + (DEVICES_OPENED,))
     overrides = {}
     if args.gpu_command_overrides is not None:
         overrides = load_overrides(args.gpu_command_overrides)
@@ -4695,8 +4734,7 @@ def serve(args, groups):
         log.info("--num-workers %d has no effect: this daemon serves each connection on its "
                  "own thread", args.num_workers)
     node.start()
-    threading.Thread(target=server.serve_forever, args=(ACCEPT_POLL_S,), name="accept",
-                     daemon=True).start()
+    threading.Thread(target=server.accept_until_stopped, name="accept", daemon=True).start()
     log.info("zeusd %s listening on %s | API groups: %s | GPUs: %d | CPUs: %d (DRAM: %d) | "
              "auth: %s | streams: %s (%s)", __version__, server.describe(), ",".join(groups),
              len(node.gpu_ids), len(node.cpu_ids), sum(1 for p in node.cpus if p.dram),
@@ -4710,7 +4748,7 @@ def serve(args, groups):
     log.info("received %s; shutting down", signal.Signals(received).name)
     if args.mode == "uds":
         server.remove_socket()
-    server.shutdown()
+    server.stop_accepting()
     if node.holds is not None:
         node.holds.restore_all("daemon-stopping")
     node.stop()
