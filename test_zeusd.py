@@ -3637,6 +3637,28 @@ def test_a_crashed_daemons_holds_are_adopted_or_restored(node, start):
     assert second.log().count("reason=session-ended: ok") == 1
 
 
+@pytest.mark.skipif(not IS_ROOT, reason="needs root to start a daemon with gpu-control")
+def test_a_reused_pid_is_not_the_session_that_held_the_gpu(node, start):
+    """A hold left by a dead daemon, whose session leader's pid now belongs to another process
+    (this one: same pid, another start time), is restored at startup, not kept."""
+    state = os.path.join(node.root, "state")
+    os.mkdir(state, 0o700)
+    with open(os.path.join(state, "holds.json"), "w") as holds:
+        json.dump({"holds": {"1": {
+            "id": "0123456789abcdef", "uid": 1001, "user": None, "exp": None,
+            "sessions": [[os.getpid(), 1]], "since_ms": 1, "daemon": [os.getpid(), 1],
+            "saved": {"power_limit_mw": 250000, "persistence_mode": False,
+                      "gpu_locked_clocks": "reset", "mem_locked_clocks": "reset"}}}}, holds)
+    os.chmod(os.path.join(state, "holds.json"), 0o600)
+    daemon = start("--enable", "gpu-control,gpu-read")
+    wait_for(lambda: "reason=owner-gone: ok" in daemon.log(), "the restore")
+    assert setters(node, "1") == [("nvmlDeviceSetPowerManagementLimit", "1", "250000"),
+                                  ("nvmlDeviceSetPersistenceMode", "1", "0"),
+                                  ("nvmlDeviceResetGpuLockedClocks", "1"),
+                                  ("nvmlDeviceResetMemoryLockedClocks", "1")]
+    assert daemon.get_json("/gpu/holds") == {}
+
+
 @pytest.mark.skipif(not IS_ROOT, reason="needs root to start daemons with gpu-control")
 def test_a_uds_and_a_tcp_daemon_share_the_holds(node, key_path, start):
     local = start("--enable", "gpu-control,gpu-read")
@@ -3734,6 +3756,25 @@ def test_overrides_restore_with_the_recorded_values(node, start, overrides):
     restored_within(daemon, node, client.end())
     assert overrides.recorded() == [["limit", "150000", "2"], ["limit", "300000", "2"],
                                     ["pm", "1", "2"], ["reset", "2"]]
+
+
+@pytest.mark.skipif(not shutil.which("curl"), reason="needs curl")
+def test_the_readme_epilog_releases_a_jobs_gpus(node, start):
+    """The README's Slurm epilog, run as written (its socket put in), ends a hold that a
+    background session would have kept."""
+    daemon = start("--enable", "gpu-control,gpu-read")
+    with open(os.path.join(HERE, "README.md")) as readme:
+        epilog = re.search(r"# /etc/slurm/epilog.sh .*?\n(\[ -n \"\$SLURM_JOB_GPUS.*?)\nexit 0",
+                           readme.read().split("## What happens to GPU settings")[1],
+                           re.S).group(1)
+    client = Client(daemon.socket_path, SET_0, "POST /gpu/set_power_limit?gpu_ids=2&"
+                    "power_limit_mw=200000&block=true")
+    result = subprocess.run(["sh", "-c", epilog.replace("/run/zeusd/zeusd.sock",
+                                                        daemon.socket_path)],
+                            env=dict(os.environ, SLURM_JOB_GPUS="0,2"), timeout=TIMEOUT)
+    assert result.returncode == 0 and daemon.log().count("reason=released: ok") == 2
+    assert daemon.get_json("/gpu/holds") == {}
+    client.end()
 
 
 def test_status_shows_who_holds_each_gpu(node, start):
@@ -3960,10 +4001,12 @@ def test_the_readme_python_example_prints_power(node, key_path, start):
         pytest.skip("set ZEUSD_TEST_ZEUS_0_16 to a Python with zeus==0.16.0 (.ci/run does)")
     with open(os.path.join(HERE, "README.md")) as readme:
         example = re.search(r"```python\n(.*?)```", readme.read(), re.S).group(1)
+    node.set_gpu(0, jitter=True)  # events keep coming, as from real GPUs, so stop() is quick
     daemon = start("--signing-key-path", key_path, "--enable", "gpu-read", mode="tcp")
     example = example.replace('host="node1", port=4938', 'host="%s", port=%d' % daemon.address)
     env = dict(os.environ, ZEUSD_TOKEN=token(["gpu-read"]))
     result = subprocess.run([python, "-c", example], stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, timeout=60)
     assert result.returncode == 0, result.stderr.decode()[-3000:]
-    assert "gpu_power_w={0: 76.0, 1: 120.0}" in result.stdout.decode(), result.stdout
+    assert re.search(r"gpu_power_w=\{0: 76\.[0-9]+, 1: 120\.0\}", result.stdout.decode()), \
+        result.stdout
