@@ -1458,59 +1458,92 @@ def wait_until(event, deadline, gone):
 
 
 class PendingCall:
-    """One device call in progress on a thread of its own: its start, and once done its value
-    or error."""
+    """One device call in progress: its start, the caller making it (abandon: how to answer
+    that caller's client from elsewhere should the call hang), and once done its value or
+    error."""
 
-    __slots__ = ("started", "done", "value", "error")
+    __slots__ = ("started", "abandon", "abandoned", "done", "value", "error")
 
-    def __init__(self):
+    def __init__(self, abandon):
         self.started = time.monotonic()
+        self.abandon = abandon
+        self.abandoned = False
         self.done = threading.Event()
         self.value = None
         self.error = None
 
 
 class BoundedCalls:
-    """Device reads on request paths, each made on a thread of its own and waited for at most
-    READ_LIMIT_S from its start. Callers that ask for a call already in progress on the same
-    device join it rather than make it again, so a hung device ties up at most one thread per
-    kind of call however many clients ask; once the call is older than the limit they are
-    answered `timeout` at once, until it returns."""
+    """Device reads on request paths, with a time limit, READ_LIMIT_S from the call's start.
+
+    The first caller makes the call on its own thread: the usual, quick call costs no hand-off
+    to another thread. Callers that ask for the same call on the same device while it is
+    pending join it rather than make it again, so a hung device ties up at most one thread per
+    kind of call however many clients ask. A watchdog thread, awake only while calls are being
+    made, gives up on a call older than the limit: it calls the maker's abandon(device, error),
+    which answers that caller's client and frees its connection (the maker's thread is left to
+    the device, and ends quietly if the call ever returns); joiners are answered `timeout`,
+    and so is every caller from then on, at once, until the call returns. A background worker:
+    start() starts the watchdog, stop() ends it.
+    """
 
     def __init__(self, kind, limit_s=READ_LIMIT_S):
         self.kind = kind
         self.limit_s = limit_s
         self.lock = threading.Lock()
+        self.activity = threading.Condition(self.lock)
         self.pending = {}  # (function name, device) -> PendingCall
+        self.calls_made = 0
+        self.watched = False  # whether the watchdog is awake
+        self.stopped = False
 
-    def call_all(self, function, ids, gone=None):
-        """({device: value}, {device: DeviceError}) of function(device) for each of ids."""
+    def call_all(self, function, ids, gone=None, abandon=None):
+        """({device: value}, {device: DeviceError}) of function(device) for each of ids;
+        CallerGone if the client went away meanwhile, or was answered by abandon()."""
         name = function.__name__
-        calls, started = {}, []
-        with self.lock:
-            for index in ids:
-                call = self.pending.get((name, index))
-                if call is None:
-                    call = self.pending[name, index] = PendingCall()
-                    started.append((index, call))
-                calls[index] = call
-        for index, call in started:
-            threading.Thread(target=self.run, args=(name, index, function, call),
-                             name="%s%d-%s" % (self.kind.lower(), index, name),
-                             daemon=True).start()
         results, errors = {}, {}
-        for index, call in calls.items():
-            if not wait_until(call.done, call.started + self.limit_s, gone):
-                READ_ERRORS.count(self.kind.lower(), index)
-                errors[index] = DeviceError("timeout", "%s %d did not answer within %g s (its %s "
-                                            "call has been pending for %.1f s)" % (
-                                                self.kind, index, self.limit_s, name,
-                                                time.monotonic() - call.started))
-            elif call.error is not None:
+        for index in ids:
+            key = (name, index)
+            with self.lock:
+                call = self.pending.get(key)
+                making = call is None
+                if making:
+                    call = self.pending[key] = PendingCall(abandon)
+                    self.calls_made += 1
+                    if not self.watched:
+                        self.watched = True
+                        self.activity.notify()
+            if making:
+                self.make(key, function, call)
+            elif not wait_until(call.done, call.started + self.limit_s, gone):
+                errors[index] = self.timeout(key, call)
+                continue
+            if call.error is not None:
                 errors[index] = call.error
             else:
                 results[index] = call.value
         return results, errors
+
+    def make(self, key, function, call):
+        try:
+            call.value = function(key[1])
+        except DeviceError as err:
+            call.error = err
+        except Exception as err:
+            call.error = DeviceError("failed", "%s %d: %s failed unexpectedly: %s: %s"
+                                     % (self.kind, key[1], key[0], type(err).__name__, err))
+        finally:
+            with self.lock:
+                del self.pending[key]
+            call.done.set()
+        if call.abandoned and call.abandon is not None:
+            raise CallerGone()
+
+    def timeout(self, key, call):
+        READ_ERRORS.count(self.kind.lower(), key[1])
+        return DeviceError("timeout", "%s %d did not answer within %g s (its %s call has been "
+                           "pending for %.1f s)" % (self.kind, key[1], self.limit_s, key[0],
+                                                    time.monotonic() - call.started))
 
     def overdue(self):
         """{device: message} of the calls pending for longer than the limit."""
@@ -1521,18 +1554,45 @@ class BoundedCalls:
                 for (name, index), call in self.pending.items()
                 if now - call.started >= self.limit_s}
 
-    def run(self, name, index, function, call):
-        try:
-            call.value = function(index)
-        except DeviceError as err:
-            call.error = err
-        except Exception as err:
-            call.error = DeviceError("failed", "%s %d: %s failed unexpectedly: %s: %s"
-                                     % (self.kind, index, name, type(err).__name__, err))
-        finally:
-            with self.lock:
-                del self.pending[name, index]
-            call.done.set()
+    def start(self):
+        threading.Thread(target=self.watchdog, name="%s-calls-watchdog" % self.kind.lower(),
+                         daemon=True).start()
+
+    def stop(self):
+        with self.lock:
+            self.stopped = True
+            self.activity.notify()
+
+    def watchdog(self):
+        """Asleep until a call is made; then, while calls are being made, wake when the oldest
+        pending one reaches the limit (or one limit later) and abandon what is overdue."""
+        with self.lock:
+            seen = self.calls_made
+            while not self.stopped:
+                if not self.watched:
+                    self.activity.wait()
+                    continue
+                now = time.monotonic()
+                overdue = [(key, call) for key, call in self.pending.items()
+                           if not call.abandoned and now - call.started >= self.limit_s]
+                for key, call in overdue:
+                    call.abandoned = True
+                if overdue:
+                    self.lock.release()
+                    try:
+                        for key, call in overdue:
+                            if call.abandon is not None:
+                                call.abandon(key[1], self.timeout(key, call))
+                    finally:
+                        self.lock.acquire()
+                    continue
+                waiting = [call.started for call in self.pending.values() if not call.abandoned]
+                if not waiting and self.calls_made == seen:
+                    self.watched = False
+                    continue
+                seen = self.calls_made
+                self.activity.wait(max(0.0, min(waiting) + self.limit_s - now) if waiting
+                                   else self.limit_s)
 
 
 # ---- GPU control: one worker thread per GPU, commands run one at a time in arrival order ----
@@ -2461,7 +2521,7 @@ class Node:
 
     def workers(self):
         """The node's background workers, each with start() and stop()."""
-        return [worker for worker in (self.control, self.holds, self.gpu_sampler,
+        return [worker for worker in (self.control, self.holds, self.gpu_calls, self.gpu_sampler,
                                       self.cpu_sampler, self.guard) if worker is not None]
 
     def start(self):
@@ -2794,7 +2854,7 @@ class Api:
         return Reply(200, json_body(body))
 
     def scrape(self, args, claims, request):
-        return self.metrics.render(claims, self.gpus_for(None, claims), request.caller.gone)
+        return self.metrics.render(claims, self.gpus_for(None, claims), request.caller)
 
     def gpus_for(self, requested, claims, list_unknown=False):
         """The GPU ids a request covers: those it names (403 if the token's gpus claim leaves
@@ -2886,7 +2946,9 @@ class Api:
         """A handler answering {id: shape(read(id))} for the GPUs a request covers."""
         def handler(args, claims, request):
             ids = self.gpus_for(args.get("gpu_ids"), claims)
-            results, errors = self.node.gpu_calls.call_all(read, ids, request.caller.gone)
+            caller = request.caller
+            results, errors = self.node.gpu_calls.call_all(read, ids, caller.gone,
+                                                           caller.abandon)
             if errors:
                 return errors_reply(errors)
             return Reply(200, json_body({str(i): shape(results[i]) for i in ids}))
@@ -2999,20 +3061,20 @@ class Metrics:
                 totals.update(dict(counts))
         return sorted(totals.items())
 
-    def render(self, claims, gpu_ids, gone=None):
+    def render(self, claims, gpu_ids, caller):
         """A scrape; a token limited to some GPUs is not shown the node-wide counters."""
         page = MetricsPage()
         if "gpu-read" in self.groups and (claims is None or "gpu-read" in claims.scopes):
-            self.gpu_families(page, gpu_ids, gone)
+            self.gpu_families(page, gpu_ids, caller)
         if "cpu-read" in self.groups and (claims is None or "cpu-read" in claims.scopes):
             self.cpu_families(page)
         self.daemon_families(page, node_wide=claims is None or claims.gpus is None)
         return Reply(200, page.body(), METRICS_TYPE)
 
-    def reads(self, what, ids, read, gone):
+    def reads(self, what, ids, read, caller):
         """[(id, value)] of the GPUs whose read succeeds within the bounded wait; failures
         left out and logged once."""
-        values, errors = self.node.gpu_calls.call_all(read, ids, gone)
+        values, errors = self.node.gpu_calls.call_all(read, ids, caller.gone, caller.abandon)
         for index, err in errors.items():
             self.gpu_failures.failed("%d (%s)" % (index, what), err)
         self.gpu_failures.answered(["%d (%s)" % (index, what) for index in values])
@@ -3030,7 +3092,7 @@ class Metrics:
                 self.cpu_failures.answered((package.index,))
         return results
 
-    def gpu_families(self, page, ids, gone):
+    def gpu_families(self, page, ids, caller):
         backend = self.node.gpu
         page.family("zeusd_gpu_info", "gauge", "The GPUs this daemon serves.",
                     [((("gpu", i), ("name", backend.gpus[i].name),
@@ -3044,12 +3106,12 @@ class Metrics:
         page.family("zeusd_gpu_energy_joules_total", "counter",
                     "GPU energy since the driver loaded (NVML total energy).",
                     [((("gpu", i),), mj / 1000.0)
-                     for i, mj in self.reads("energy", with_counter, backend.energy_mj, gone)])
+                     for i, mj in self.reads("energy", with_counter, backend.energy_mj, caller)])
         page.family("zeusd_gpu_power_limit_watts", "gauge", "GPU power limit.",
                     [((("gpu", i),), mw / 1000.0)
-                     for i, mw in self.reads("power limit", ids, backend.power_limit_mw, gone)])
+                     for i, mw in self.reads("power limit", ids, backend.power_limit_mw, caller)])
         constraints = self.reads("power limit constraints", ids,
-                                 backend.power_limit_constraints_mw, gone)
+                                 backend.power_limit_constraints_mw, caller)
         for name, position, what in (("min", 0, "Lowest"), ("max", 1, "Highest")):
             page.family("zeusd_gpu_power_limit_%s_watts" % name, "gauge",
                         "%s power limit the GPU accepts." % what,
@@ -3540,11 +3602,12 @@ class Caller:
     the peer's uid and pid over a Unix socket (SO_PEERCRED; None over TCP), and whether it is
     still connected."""
 
-    __slots__ = ("peer", "uid", "pid", "sock")
+    __slots__ = ("peer", "uid", "pid", "sock", "abandon")
     GONE = select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", 0x2000)
 
-    def __init__(self, sock, address):
+    def __init__(self, sock, address, abandon=None):
         self.sock = sock
+        self.abandon = abandon  # (device, DeviceError): answer from elsewhere, see BoundedCalls
         self.uid = self.pid = None
         if sock.family == socket.AF_UNIX:
             self.pid, self.uid = address if address else (None, None)
@@ -3595,9 +3658,13 @@ class HttpConnection(socketserver.BaseRequestHandler):
     """One client connection: reads requests in turn, has the API answer each, and writes each
     answer in one write (or streams it)."""
 
+    def __init__(self, request, client_address, server, slot=None):
+        self.slot = slot  # given back early if the thread is left to a hung device
+        socketserver.BaseRequestHandler.__init__(self, request, client_address, server)
+
     def setup(self):
         sock = self.sock = self.request
-        self.caller = Caller(sock, self.client_address)
+        self.caller = Caller(sock, self.client_address, self.abandon)
         self.peer = self.caller.peer
         self.reader = RequestReader(sock, self.caller)
         self.api = self.server.api
@@ -3674,6 +3741,24 @@ class HttpConnection(socketserver.BaseRequestHandler):
         """Count a request for /metrics, in this connection's own counts (no lock)."""
         self.counts[path, status] = self.counts.get((path, status), 0) + 1
 
+    def abandon(self, device, error):
+        """The device call this connection's thread makes has hung (see BoundedCalls): answer
+        its request from here, close the connection and give its slot back; the thread is
+        left to the device."""
+        reply = errors_reply({device: error})
+        try:
+            self.sock.send(reply_bytes(reply, CLOSE), socket.MSG_DONTWAIT)
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+        if self.slot is not None:
+            self.slot.release()
+        self.count(self.counted_path, reply.status)
+        if self.log_requests:
+            REQUEST_LINES.write(reply.status, "%s %s %d: %s (answered for the thread left to "
+                                              "the device)" % (self.peer, self.described,
+                                                               reply.status, reply.reason))
     def stream(self, stream):
         """Server-Sent Events: the current values, then every change, until either side ends.
 
@@ -3779,6 +3864,30 @@ class Rejecter:
             return False
 
 
+class Slot:
+    """A connection's place under the cap and in its client's share, given back once: when its
+    thread ends, or earlier when its thread is left to a hung device."""
+
+    __slots__ = ("server", "client", "held")
+
+    def __init__(self, server, client):
+        self.server = server
+        self.client = client
+        self.held = True
+
+    def release(self):
+        server = self.server
+        with server.count_lock:
+            if not self.held:
+                return
+            self.held = False
+            server.active -= 1
+            if self.client is not None:
+                server.by_client[self.client] -= 1
+                if not server.by_client[self.client]:
+                    del server.by_client[self.client]
+
+
 class ConnectionCap(socketserver.ThreadingMixIn):
     """One daemon thread per connection, at most max_connections; the next is answered 503.
     Out of descriptors, the accept loop backs off instead of spinning."""
@@ -3839,12 +3948,13 @@ class ConnectionCap(socketserver.ThreadingMixIn):
                 if client is not None:
                     self.by_client[client] += 1
         if admitted and fair:
+            slot = Slot(self, client)
             try:
                 threading.Thread(target=self.serve_counted,
-                                 args=(request, client_address, client), daemon=True).start()
+                                 args=(request, client_address, slot), daemon=True).start()
                 return
             except RuntimeError:
-                self.release(client)
+                slot.release()
         over_share = admitted and not fair
         self.rejecter.reject(request, TOO_MANY_FROM_CLIENT if over_share else TOO_MANY_CONNECTIONS)
         self.rejected += 1
@@ -3856,19 +3966,14 @@ class ConnectionCap(socketserver.ThreadingMixIn):
                         "%d connections open (--max-connections)" % self.max_connections)
             self.rejected, self.last_rejection_log = 0, now
 
-    def serve_counted(self, request, client_address, client):
+    def serve_counted(self, request, client_address, slot):
         try:
-            self.process_request_thread(request, client_address)
+            HttpConnection(request, client_address, self, slot)
+        except Exception:
+            self.handle_error(request, client_address)
         finally:
-            self.release(client)
-
-    def release(self, client):
-        with self.count_lock:
-            self.active -= 1
-            if client is not None:
-                self.by_client[client] -= 1
-                if not self.by_client[client]:
-                    del self.by_client[client]
+            self.shutdown_request(request)
+            slot.release()
 
     def handle_error(self, request, client_address):
         log.exception("error on a connection")
