@@ -21,8 +21,10 @@ The file reads from the devices up; each section starts with a `# ---- Name: its
   TOML subset      TomlReader: the override file's syntax, read as tomllib reads it
   GPU overrides    load_overrides, CommandOverride, run_command (bounded), OverriddenBackend
   CPUs             RaplCounter, RaplPackage, RaplWrapGuard
-  bounded waits    wait_until, BoundedCalls: request-path reads with a time limit
+  bounded waits    wait_until, BoundedCalls: request-path reads with a time limit and a watchdog
   GPU control      ControlJob (with its audit line), GpuControl: one worker per GPU
+  holds            Owner, HoldStore (holds.json under flock), RestoreJob, Holds (conflicts,
+                   claims, releases, the watcher of sessions and tokens)
   sampling         Sample, FailureLog, GpuPowerMeter, CpuPowerMeter, Sampler (its subscriber
                    protocol in its docstring)
   node             Node: the devices, samplers and workers the enabled groups need
@@ -33,12 +35,13 @@ The file reads from the devices up; each section starts with a `# ---- Name: its
   HTTP streams     PowerRendering (bodies and SSE events, once per sample), SseSubscriber
   HTTP wire        parse_head, RequestReader (framing and limits), Caller (who asks),
                    HttpConnection (serve, reply, stream)
-  servers          ConnectionCap with its Rejecter and fair share, TcpServer, UnixServer
+  servers          Slot, ConnectionCap with its Rejecter and fair share, TcpServer, UnixServer
   status           `zeusd status`: HttpReader, DaemonClient, the table, StreamFollower
   command line     build_parser and its flag types
   main             serve (startup order, signals), issue, main
-Everything below HTTP knows nothing of it; background workers (GpuControl, RaplWrapGuard,
-Sampler, Rejecter) have start() and stop().
+Everything below HTTP knows nothing of it (who asks reaches it as data: an Owner, a gone()
+check, an abandon() callback); background workers (GpuControl, Holds, BoundedCalls,
+RaplWrapGuard, Sampler, Rejecter) have start() and stop().
 
 The route of `GET /gpu/get_power`: ConnectionCap.process_request admits the connection (cap,
 fair share) and starts HttpConnection on a thread; RequestReader.next_request reads the head
