@@ -2096,7 +2096,13 @@ class Holds:
         poller = select.poll()
         poller.register(self.wake_read, select.POLLIN)
         while not self.stopped:
-            leaders, expiry = self.check()
+            try:
+                leaders, expiry = self.check()
+            except Exception as err:
+                log.error("cannot check the GPUs' holds in %s: %s: %s; trying again in %g s",
+                          self.store.path, type(err).__name__, err, WATCH_INTERVAL_S)
+                time.sleep(WATCH_INTERVAL_S)
+                continue
             for leader in set(self.pidfds) - leaders:
                 poller.unregister(self.pidfds[leader])
                 os.close(self.pidfds.pop(leader))
