@@ -3564,6 +3564,21 @@ def test_a_hold_records_settings_first_and_is_restored_when_the_session_ends(nod
     print("session end to restore: %.3f s" % took)
 
 
+def test_a_restore_that_fails_is_logged_counted_and_ends_the_hold(node, start):
+    daemon = start("--enable", "gpu-control,gpu-read")
+    client = Client(daemon.socket_path, SET_0)
+    node.update(fail={"nvmlDeviceSetPowerManagementLimit": {"0": 999}})
+    restored_within(daemon, node, client.end())
+    line = [line for line in daemon.log().splitlines() if "audit: restore gpu=0" in line][0]
+    assert " ERROR audit: restore gpu=0 power_limit_mw=300000 persistence=1 clocks=reset " \
+           "reason=session-ended: error: restoring GPU 0: nvmlDeviceSetPowerManagementLimit " \
+           "failed on GPU 0: Unknown Error (NVML error 999)" in line
+    assert setters(node)[-3:] == RESTORE_CALLS[1:]  # the other settings still put back
+    assert daemon.get_json("/gpu/holds") == {}
+    assert series(scrape(daemon), "zeusd_gpu_restores_total", gpu=0, reason="session-ended",
+                  result="error") == 1
+
+
 @pytest.mark.skipif(not IS_ROOT, reason="needs root to run clients as two other uids")
 def test_another_uid_gets_409_and_root_always_passes(node, start, public):
     daemon = start("--enable", "gpu-control,gpu-read", socket_name=public)
