@@ -2972,6 +2972,25 @@ def test_nothing_a_client_sends_starts_a_log_line(auth_daemon):
     assert all(line.isprintable() for line in lines)
 
 
+def test_verification_outcomes_are_cached_failures_included(tmp_path, monkeypatch):
+    key_file = tmp_path / "key"
+    key_file.write_bytes(KEY)
+    authenticator = zeusd.Authenticator(str(key_file))
+    calls = []
+
+    def counted(key, text):
+        calls.append(text)
+        return zeusd_verify(key, text)
+    zeusd_verify = zeusd.verify_token
+    monkeypatch.setattr(zeusd, "verify_token", counted)
+    bad, good = token(["gpu-read"], key=b"another key"), token(["gpu-read"])
+    for _ in range(3):
+        with pytest.raises(zeusd.HttpError, match="signature mismatch"):
+            authenticator.authenticate("Bearer " + bad)
+        assert authenticator.authenticate("Bearer " + good).sub == "alice"
+    assert len(calls) == 2
+
+
 def test_non_base64_and_non_json_segments_are_refused():
     header = b64(b'{"alg": "HS256"}')
     for payload in ("!!!", b64(b"not json"), b64(b"\xff\xfe"), "a"):

@@ -522,8 +522,10 @@ def verify_token(key, token):
 class Authenticator:
     """Checks Authorization headers against the signing key, and token scopes against groups.
 
-    The key and the cache of verified tokens are swapped together when SIGHUP reloads the key,
-    so that no token is ever checked against one key and cached under the other.
+    Verification outcomes are cached, failures included (at most CACHE_SIZE tokens), so that a
+    client repeating a badly signed token does not make the daemon verify it again. The key
+    and the cache are swapped together when SIGHUP reloads the key, so that no token is ever
+    checked against one key and cached under the other.
     """
 
     CACHE_SIZE = 4096
@@ -554,10 +556,15 @@ class Authenticator:
         key, verified = self.keyring
         claims = verified.get(token)
         if claims is None:
-            claims = verify_token(key, token)
+            try:
+                claims = verify_token(key, token)
+            except HttpError as err:
+                claims = err.message  # cached as text: a raised error would keep its frames
             if len(verified) >= self.CACHE_SIZE:
                 verified.clear()
             verified[token] = claims
+        if claims.__class__ is str:
+            raise unauthorized(claims)
         if claims.exp is not None and time.time() > claims.exp + LEEWAY_S:
             raise unauthorized("Token has expired.")
         return claims
