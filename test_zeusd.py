@@ -3785,7 +3785,8 @@ def test_sigterm_restores_before_exit_and_holds_leak_nothing(node, start):
     connection.close()
     assert daemon.log().count("reason=released: ok") == 151
     wait_for(lambda: daemon.threads() == IDLE_THREADS - 1, "threads back to idle")
-    wait_for(lambda: open_fds(daemon.process.pid) == fds - 1, "descriptors back to idle")
+    # (fds may count a pidfd the watcher had open for a moment; a leak would add 150)
+    wait_for(lambda: open_fds(daemon.process.pid) <= fds - 1, "descriptors back to idle")
     client = Client(daemon.socket_path, SET_0)
     stopped = time.monotonic()
     daemon.process.send_signal(signal.SIGTERM)
