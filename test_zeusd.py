@@ -1030,6 +1030,8 @@ def test_service_unit_reads_the_rust_daemons_defaults_file_first():
     assert files == ["EnvironmentFile=-/etc/default/zeusd", "EnvironmentFile=-/etc/zeusd/zeusd.env"]
     assert "ExecStart=/usr/local/bin/zeusd serve $ZEUSD_ARGS" in lines
     assert "NoNewPrivileges=yes" in lines
+    assert "ProtectProc=default" in lines  # other users' /proc entries: their sessions
+    assert "RuntimeDirectoryMode=0755" in lines  # the socket's and state directory's mode
 
 
 @pytest.mark.skipif(not IS_ROOT or not shutil.which("sudo") or not shutil.which("setpriv"),
