@@ -3655,6 +3655,8 @@ def test_token_owners_hold_until_they_release_or_their_token_expires(node, key_p
     assert holds["0"]["user"] == "alice" and holds["0"]["uid"] is None
     assert holds["0"]["sessions"] is None
     assert daemon.post("/gpu/release", token=bob).status == 200  # bob holds nothing
+    assert daemon.post("/gpu/release", token=gpu_token([0], ["gpu-control"])).status == 200
+    assert list(daemon.get_json("/gpu/holds", token=alice)) == ["0"]  # still alice's
     assert error_of(daemon.post("/gpu/release?gpu_ids=0", token=bob), 409).startswith(
         "GPU 0 is held by user 'alice'")
     assert daemon.post("/gpu/release", token=alice).status == 200

@@ -2023,14 +2023,14 @@ class Holds:
                 del holds[str(gpu)]
         self.store.update(change)
 
-    def release(self, owner, ids, gone=None):
-        """Restore the GPUs of ids (None: every GPU the owner may release) that are held:
-        {gpu: DeviceError} of those whose restore failed; DeviceError("conflict") if one is
-        another owner's (nothing is restored then)."""
+    def release(self, owner, ids, within, gone=None):
+        """Restore the GPUs of ids (None: every GPU of within the owner may release) that are
+        held: {gpu: DeviceError} of those whose restore failed; DeviceError("conflict") if one
+        of ids is another owner's (nothing is restored then)."""
         def change(holds):
             chosen = []
             for key, hold in sorted(holds.items()):
-                if hold.get("restoring") or (ids is not None and int(key) not in ids):
+                if hold.get("restoring") or int(key) not in (within if ids is None else ids):
                     continue
                 if owner is None or not (owner.uid == 0 or self.may_change(owner, hold)):
                     if ids is None:
@@ -2929,13 +2929,12 @@ class Api:
     def release(self, args, claims, request):
         requested = args.get("gpu_ids")
         ids = None if requested is None else self.gpus_for(requested, claims)
-        if requested is None and claims is not None and claims.gpus is not None:
-            ids = self.gpus_for(None, claims)
         holds = self.node.holds
         if holds is None:
             return EMPTY_OK
         try:
-            errors = holds.release(self.owner(request, claims), ids, request.caller.gone)
+            errors = holds.release(self.owner(request, claims), ids, self.gpus_for(None, claims),
+                                   request.caller.gone)
         except DeviceError as err:
             raise HttpError(409, err.message)
         return errors_reply(errors)
