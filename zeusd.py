@@ -2013,11 +2013,12 @@ class Holds:
                 return holds[str(gpu)]["id"]
             hold_id = self.store.update(change)
             self.wake()
+            # a change that fails holds nothing: its hold ends, nothing to put back
             return None if hold_id is None else lambda: self.forget(gpu, hold_id)
         return claim
 
     def forget(self, gpu, hold_id):
-        """End a hold whose change failed: nothing to put back."""
+        """End the hold hold_id of a GPU (if it still is the GPU's hold) without a restore."""
         def change(holds):
             if holds.get(str(gpu), {}).get("id") == hold_id:
                 del holds[str(gpu)]
@@ -2032,7 +2033,7 @@ class Holds:
             for key, hold in sorted(holds.items()):
                 if hold.get("restoring") or int(key) not in (within if ids is None else ids):
                     continue
-                if owner is None or not (owner.uid == 0 or self.may_change(owner, hold)):
+                if not self.may_change(owner, hold):
                     if ids is None:
                         continue
                     raise DeviceError("conflict", self.held_message(int(key), hold))
@@ -2058,10 +2059,7 @@ class Holds:
 
     def restored(self, job, result):
         """A RestoreJob ran: the hold ends, and the restore is counted."""
-        def change(holds):
-            if holds.get(str(job.gpu), {}).get("id") == job.hold["id"]:
-                del holds[str(job.gpu)]
-        self.store.update(change)
+        self.forget(job.gpu, job.hold["id"])
         with self.lock:
             self.restores[job.gpu, job.reason, result] += 1
         self.wake()
@@ -2265,14 +2263,13 @@ class Sampler:
     threads take the ticks of one schedule in turn (each wakes once every two periods, so a
     tick costs what it would on one thread): a tick reads each device once, hands the sample
     to every subscriber, then publishes it through a condition (one-shot readers wait on it).
-    A relay stuck in a device read is left behind: the next
-    tick waits at most one period for that read, then goes on without that device, and a new
-    relay takes the stuck one's place. Healthy devices are thus never delayed by more than
-    one period. The slow device is left out of samples while its read is pending; once it has
-    been pending for hang_after (one period, never less than 250 ms, so that scheduling delay
-    on a busy node is not taken for a hang) it counts as not answering (an error for one-shot
-    readers) until the read returns. A read that returns late is still published, put into
-    the latest sample.
+    A relay stuck in a device read is left behind: the next tick waits at most one period for
+    that read, then goes on without that device, and a new relay takes the stuck one's place.
+    Healthy devices are thus never delayed by more than one period. The slow device is left
+    out of samples while its read is pending; once it has been pending for hang_after (one
+    period, never less than 250 ms, so that scheduling delay on a busy node is not taken for a
+    hang) it counts as not answering (an error for one-shot readers) until the read returns.
+    A read that returns late is still published, put into the latest sample.
 
     The subscriber protocol: add_stream(subscriber) and remove_stream(subscriber) take any
     object with a `closed` attribute and a `deliver(sample, now)` method. After each tick, the
@@ -2682,6 +2679,9 @@ REQUIRED_IDS = (parse_ids, True)
 BOOL = (parse_bool, True)
 U32 = (parse_u32, True)
 HEALTHY = Reply(200, b'{"status": "ok"}')
+NO_ARGUMENTS = {}  # the arguments of a request without a query string, shared: never changed
+INTERNAL_ERROR = Reply(500, error_body("Internal server error; see the daemon's log."),
+                       reason="internal error (traceback above)")
 
 
 def hold_json(hold):
@@ -2696,13 +2696,10 @@ def hold_json(hold):
     return {"uid": uid, "user": user,
             "sessions": [session[0] for session in hold["sessions"]] if uid is not None else None,
             "since_ms": hold["since_ms"], "saved": hold["saved"]}
-NO_ARGUMENTS = {}  # the arguments of a request without a query string, shared: never changed
-INTERNAL_ERROR = Reply(500, error_body("Internal server error; see the daemon's log."),
-                       reason="internal error (traceback above)")
 
 
 class Api:
-    """Answers a parsed request: route, group gate, auth and scope, method, parameters,
+    """Answers a parsed request: group gate, auth, route with its scope and method, parameters,
     handler, in that order; every failure becomes an error Reply."""
 
     def __init__(self, node, groups, authenticator, stream_format="per-device"):
@@ -3380,17 +3377,14 @@ class ConnectionClosed(Exception):
 
 def reply_bytes(reply, connection=b"", head_only=False):
     """A Reply's status line, headers and body, to go out in one write."""
-    body, headers = reply.body, reply.headers
+    body, headers, extra = reply.body, reply.headers, b""
+    typed = body
     if headers:
         extra = b"".join(b"%s: %s\r\n" % (name.encode("latin-1"), value.encode("latin-1"))
                          for name, value in headers)
         typed = body and not any(name.lower() == "content-type" for name, _ in headers)
-        head = b"%s%s%sContent-Length: %d\r\n%s%s\r\n" % (
-            STATUS_LINES[reply.status], SERVER_HEADER, JSON_TYPE if typed else b"", len(body),
-            extra, connection)
-    else:
-        head = b"%sContent-Length: %d\r\n%s\r\n" % (
-            (JSON_HEADS if body else PLAIN_HEADS)[reply.status], len(body), connection)
+    head = b"%sContent-Length: %d\r\n%s%s\r\n" % (
+        (JSON_HEADS if typed else PLAIN_HEADS)[reply.status], len(body), extra, connection)
     return head if head_only else head + body
 
 
@@ -3774,6 +3768,7 @@ class HttpConnection(socketserver.BaseRequestHandler):
             REQUEST_LINES.write(reply.status, "%s %s %d: %s (answered for the thread left to "
                                               "the device)" % (self.peer, self.described,
                                                                reply.status, reply.reason))
+
     def stream(self, stream):
         """Server-Sent Events: the current values, then every change, until either side ends.
 
@@ -4421,8 +4416,8 @@ def node_status(client, streams=None):
         if streams and streams.get("gpu"):
             power = streams["gpu"].current(power)
         with_energy = [str(g.get("id")) for g in gpus if g.get("cumulative_energy_available")]
-        energy = client.get_or_none("/gpu/get_cumulative_energy?gpu_ids=" + ",".join(
-            with_energy), deadline, notes) or {} if with_energy else {}
+        energy = (client.get_or_none("/gpu/get_cumulative_energy?gpu_ids=" + ",".join(
+            with_energy), deadline, notes) or {}) if with_energy else {}
         limits = client.get_or_none("/gpu/get_power_limit?gpu_ids=" + ids, deadline,
                                     notes) or {}
         holds = client.get_or_none("/gpu/holds?gpu_ids=" + ids, deadline, []) or {}
@@ -4510,6 +4505,8 @@ class StreamFollower:
                     reader.deadline = None
                     self.connected = True
                     self.read_events(reader)
+                else:
+                    reader.sock.close()
             except StatusError:
                 pass
             self.connected = False
