@@ -462,7 +462,8 @@ class Daemon(object):
         self.log_path = options.get("log_path") or os.path.join(node.root,
                                                                 "daemon-%d.log" % id(self))
         skip_unless_root_may_start(args)
-        command = [options.get("python", PYTHON), options.get("script", ZEUSD), "serve",
+        command = options.get("prefix", []) + [
+                   options.get("python", PYTHON), options.get("script", ZEUSD), "serve",
                    "--mode", self.mode, "--rapl-dir", node.rapl]
         if "--state-dir" not in args and "--no-restore" not in args:
             command += ["--state-dir", options.get("state_dir", os.path.join(node.root,
@@ -2694,12 +2695,18 @@ def test_status_bounds_what_a_server_may_send_and_how_long_it_may_take(answer, f
     assert status == 1 and fragment in err and err.count("\n") == 1 and seconds < 3
 
 
+def ctrl_c_works():
+    """Give a child the default SIGINT (a shell that runs the tests in the background ignores
+    it, and Python then installs no KeyboardInterrupt for ^C)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_status_watch_redraws_reconnects_and_marks_what_stopped(node, start):
     node.set_gpu(0, jitter=True)
     daemon = start("--enable", "gpu-read")
     watcher = subprocess.Popen([PYTHON, ZEUSD, "status", "--socket-path", daemon.socket_path,
                                 "--watch", "0.1"], stdout=subprocess.PIPE,
-                               stderr=subprocess.DEVNULL)
+                               stderr=subprocess.DEVNULL, preexec_fn=ctrl_c_works)
     lines = []
     threading.Thread(target=lambda: lines.extend(iter(watcher.stdout.readline, b"")),
                      daemon=True).start()
@@ -3498,13 +3505,15 @@ def as_uid(uid):
 
 
 class Client(object):
-    """HOLDER as a session leader (as uid, when given), with the answers to its requests."""
+    """HOLDER as a session leader (as uid, when given; run by the prefix command, when given),
+    with the answers to its requests."""
 
     def __init__(self, socket_path, *requests, **options):
         uid = options.get("uid")
         python = unprivileged_python() if uid is not None else sys.executable
         self.process = subprocess.Popen(
-            [python, "-c", HOLDER, socket_path, options.get("mode", "stay")] + list(requests),
+            options.get("prefix", []) + [python, "-c", HOLDER, socket_path,
+                                         options.get("mode", "stay")] + list(requests),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True,
             preexec_fn=as_uid(uid) if uid is not None else None)
         self.answers = [json.loads(self.process.stdout.readline().decode())
@@ -3640,6 +3649,58 @@ def test_a_leader_that_exits_while_its_children_live_ends_the_session(node, star
     assert "reason=session-ended: ok" in daemon.log()
     os.killpg(client.pid, signal.SIGKILL)
     print("leader exit to restore: %.3f s" % took)
+
+
+def test_session_of_names_the_leader_or_the_namespace_entry():
+    def stat(pid):  # (parent, session) of a process
+        with open("/proc/%d/stat" % pid) as stat_file:
+            fields = stat_file.read().rpartition(")")[2].split()
+        return int(fields[1]), int(fields[3])
+    leader = stat(os.getpid())[1]
+    if leader == 0:  # this test runs in a session begun outside its PID namespace
+        leader = os.getpid()
+        while stat(leader)[0] != 0:
+            leader = stat(leader)[0]
+    assert zeusd.session_of(os.getpid()) == [leader, zeusd.process_start(leader)]
+    assert zeusd.session_of(0) == zeusd.UNSEEN_SESSION and zeusd.alive(zeusd.UNSEEN_SESSION)
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    assert zeusd.session_of(gone.pid) == [gone.pid, 0] and not zeusd.alive([gone.pid, 0])
+
+
+@pytest.mark.skipif(not IS_ROOT or not shutil.which("unshare") or not shutil.which("nsenter"),
+                    reason="needs root, unshare and nsenter to run a daemon in a PID namespace")
+def test_callers_from_outside_the_daemons_pid_namespace_hold_until_released(node, start,
+                                                                             public):
+    """In a container (session id 0 there), a caller's session is led by the process that
+    entered the namespace; a caller the daemon cannot see at all holds until it releases."""
+    daemon = start("--enable", "gpu-control,gpu-read", socket_name=public,
+                   prefix=["unshare", "--pid", "--mount-proc", "--kill-child=SIGTERM"])
+    with open("/proc/%d/task/%d/children" % (daemon.process.pid, daemon.process.pid)) as kids:
+        daemon_pid = int(kids.read().split()[0])  # unshare's child (unshare ignores SIGTERM)
+    inside = ["nsenter", "-t", str(daemon_pid), "-p", "--"]
+    entered = Client(public, SET_0, prefix=inside)
+    assert entered.answers == [[200, ""]]
+    sessions = daemon.get_json("/gpu/holds")["0"]["sessions"]
+    assert len(sessions) == 1 and sessions[0] > 1  # the client here, not the daemon (pid 1)
+    outside = "/gpu/set_persistence_mode?gpu_ids=1&enabled=false&block=true"
+    assert daemon.post(outside).status == 200  # this test's process: pid 0 to the daemon
+    assert daemon.get_json("/gpu/holds")["1"]["sessions"] == [0]
+    assert "WARNING GPU 1 is held by uid 0 from outside the daemon's PID namespace" \
+        in daemon.log()
+    alice = Client(public, "POST " + outside, uid=1001)
+    assert alice.answers[0][0] == 409 and json.loads(alice.answers[0][1])["error"].startswith(
+        "GPU 1 is held by uid 0 (a session outside the daemon's view, since ")
+    restored_within(daemon, node, entered.end())
+    assert "gpu=0 power_limit_mw=300000 persistence=1 clocks=reset reason=session-ended: ok" \
+        in daemon.log()
+    assert list(daemon.get_json("/gpu/holds")) == ["1"]  # the watcher's pass left it held
+    assert daemon.post("/gpu/release").status == 200
+    assert "gpu=1 power_limit_mw=300000 persistence=1 clocks=reset reason=released: ok" \
+        in daemon.log()
+    alice.end()
+    os.kill(daemon_pid, signal.SIGTERM)
+    assert daemon.wait_exit() == 0
 
 
 @pytest.mark.skipif(not IS_ROOT, reason="needs root to start a daemon with gpu-control")

@@ -1722,32 +1722,55 @@ RESTORE_STOP_S = 2.0  # how long a stopping daemon waits for restores at least
 RESTORE_OPERATIONS = ("set_power_limit", "set_persistence_mode", "reset_locked_clocks")
 # An owner: a uid and the login session it asked from (UDS), or a token's user and expiry (TCP).
 Owner = collections.namedtuple("Owner", "uid user session exp")
+UNSEEN_SESSION = [0, 0]  # the session of a caller the daemon cannot see (another PID namespace)
+MAX_ANCESTORS = 4096  # how far up session_of climbs (pids get reused while it climbs)
+
+
+def stat_fields(pid):
+    """The fields of /proc/<pid>/stat after the command name, or None."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as stat_file:
+            return stat_file.read().rpartition(b")")[2].split()
+    except OSError:
+        return None
 
 
 def process_start(pid):
     """The start time of a live process (clock ticks since boot), or None (for a process that
     has exited too, while it waits to be reaped)."""
-    try:
-        with open("/proc/%d/stat" % pid, "rb") as stat_file:
-            fields = stat_file.read().rpartition(b")")[2].split()
-        return None if fields[0] in (b"Z", b"X") else int(fields[19])
-    except (OSError, ValueError, IndexError):
+    fields = stat_fields(pid)
+    if not fields or len(fields) < 20 or fields[0] in (b"Z", b"X"):
         return None
+    return int(fields[19])
 
 
 def session_of(pid):
-    """[leader pid, leader start time] of a process's login session, or None. The start time
-    tells a session from a later one whose leader got the same pid."""
-    try:
-        with open("/proc/%d/stat" % pid, "rb") as stat_file:
-            leader = int(stat_file.read().rpartition(b")")[2].split()[3])
-    except (OSError, ValueError, IndexError):
-        return None
-    return [leader, process_start(leader) or 0] if leader > 0 else None
+    """[leader pid, leader start time] of a process's login session. The start time tells a
+    session from a later one whose leader got the same pid. A session begun outside the
+    daemon's PID namespace (its id reads 0 here, `nsenter`, `docker exec`) is led by the process
+    that entered the namespace: the caller's topmost ancestor here. UNSEEN_SESSION for a
+    caller outside the namespace (pid 0); an ended session for one already gone."""
+    if not pid:
+        return list(UNSEEN_SESSION)
+    fields = stat_fields(pid)
+    if not fields or len(fields) < 20:
+        return [pid, 0]
+    leader = int(fields[3])
+    if leader == 0:
+        leader = pid
+        for _ in range(MAX_ANCESTORS):
+            parent = stat_fields(leader)
+            if not parent or int(parent[1]) == 0:
+                break
+            leader = int(parent[1])
+    return [leader, process_start(leader) or 0]
 
 
 def alive(process):
-    """Whether a [pid, start time] pair is a process still running."""
+    """Whether a [pid, start time] pair is a process still running; an unseen session always
+    is (its end cannot be seen: only a release or the daemon's stop ends its holds)."""
+    if process == UNSEEN_SESSION:
+        return True
     return bool(process[1]) and process_start(process[0]) == process[1]
 
 
@@ -1976,6 +1999,10 @@ class Holds:
         since = iso_time(hold["since_ms"])
         if hold.get("uid") is not None:
             sessions = hold["sessions"]
+            if sessions == [UNSEEN_SESSION]:
+                return ("GPU %d is held by uid %d (a session outside the daemon's view, since "
+                        "%s): its settings are restored when it releases it or the daemon "
+                        "stops." % (gpu, hold["uid"], since))
             return ("GPU %d is held by uid %d (session %s, since %s): its settings are restored "
                     "when that session ends or releases it." % (
                         gpu, hold["uid"], sessions[0][0] if sessions else "-", since))
@@ -2012,6 +2039,11 @@ class Holds:
                     "since_ms": int(time.time() * 1000), "saved": saved, "daemon": self.me}
                 return holds[str(gpu)]["id"]
             hold_id = self.store.update(change)
+            if hold_id is not None and owner.session == UNSEEN_SESSION:
+                log.warning("GPU %d is held by uid %d from outside the daemon's PID namespace, "
+                            "where the end of its session cannot be seen: its settings are "
+                            "restored on POST /gpu/release or when the daemon stops",
+                            gpu, owner.uid)
             self.wake()
             # a change that fails holds nothing: its hold ends, nothing to put back
             return None if hold_id is None else lambda: self.forget(gpu, hold_id)
@@ -2149,7 +2181,8 @@ class Holds:
                     hold["sessions"] = [session for session in hold["sessions"]
                                         if alive(session)]
                     gone = not hold["sessions"]
-                    leaders.update(session[0] for session in hold["sessions"])
+                    leaders.update(session[0] for session in hold["sessions"]
+                                   if session != UNSEEN_SESSION)
                 else:
                     gone = hold.get("exp") is not None and now >= hold["exp"]
                     if not gone and hold.get("exp") is not None:
