@@ -2511,18 +2511,18 @@ def free_port():
         return probe.getsockname()[1]
 
 
-@pytest.mark.parametrize("with_auth", [False, True])
-def test_prometheus_scrapes_the_daemon(node, key_path, start, with_auth):
+def test_prometheus_scrapes_the_daemon_with_and_without_tokens(node, key_path, start):
     binary = prometheus_tool("prometheus")
-    args = ["--signing-key-path", key_path] if with_auth else []
-    daemon = start(*args, mode="tcp")
-    credentials = ("    authorization:\n      credentials: %s\n" % token(["gpu-read", "cpu-read"])
-                   if with_auth else "")
+    daemons = {"open": start(mode="tcp"),
+               "tokens": start("--signing-key-path", key_path, mode="tcp")}
+    credentials = {"open": "", "tokens": "    authorization:\n      credentials: %s\n"
+                   % token(["gpu-read", "cpu-read"])}
     config = os.path.join(node.root, "prometheus.yml")
     with open(config, "w") as config_file:
-        config_file.write("global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: zeusd\n"
-                          "%s    static_configs:\n      - targets: ['127.0.0.1:%d']\n"
-                          % (credentials, daemon.address[1]))
+        config_file.write("global:\n  scrape_interval: 1s\nscrape_configs:\n")
+        for job, daemon in sorted(daemons.items()):
+            config_file.write("  - job_name: %s\n%s    static_configs:\n      - targets: "
+                              "['127.0.0.1:%d']\n" % (job, credentials[job], daemon.address[1]))
     port = free_port()
     with RaplTicker(node, {"intel-rapl:0": (1000000, 50.0)}):
         server = subprocess.Popen(
@@ -2538,14 +2538,14 @@ def test_prometheus_scrapes_the_daemon(node, key_path, start, with_auth):
                 except OSError:
                     return None
                 return float(results[0]["value"][1]) if results else None
-            energy = 'zeusd_cpu_energy_joules_total{cpu="0",domain="package"}'
-            rate = "rate(%s[5s])" % energy
-            wait_for(lambda: (query("count_over_time(%s[5s])" % energy) or 0) >= 5,
-                     "five seconds of scrapes", timeout=30)
-            assert query('zeusd_gpu_power_watts{gpu="0"}') == 76.0
-            assert query('zeusd_gpu_energy_joules_total{gpu="0"}') == 123.456
-            assert abs(query(rate) - 50.0) < 2.5
-            assert query('up{job="zeusd"}') == 1.0
+            for job in sorted(daemons):
+                energy = 'zeusd_cpu_energy_joules_total{cpu="0",domain="package",job="%s"}' % job
+                wait_for(lambda: (query("count_over_time(%s[5s])" % energy) or 0) >= 5,
+                         "five seconds of scrapes of %s" % job, timeout=30)
+                assert query('zeusd_gpu_power_watts{gpu="0",job="%s"}' % job) == 76.0
+                assert query('zeusd_gpu_energy_joules_total{gpu="0",job="%s"}' % job) == 123.456
+                assert abs(query("rate(%s[5s])" % energy) - 50.0) < 2.5, job
+                assert query('up{job="%s"}' % job) == 1.0
         finally:
             server.terminate()
             server.wait(timeout=30)
@@ -4028,8 +4028,9 @@ print(json.dumps(out))
 '''
 
 
-def run_zeus_client(version, daemon, token=""):
-    """Run ZEUS_CLIENT under that Zeus version's Python against daemon; its JSON output."""
+def run_zeus_clients(version, daemon, tokens):
+    """Run ZEUS_CLIENT under that Zeus version's Python against daemon, one client per token
+    ("": none), side by side; the JSON output of each."""
     python = ZEUS_PYTHONS[version]
     if not python:
         pytest.skip("set ZEUSD_TEST_ZEUS_%s to a Python with zeus==%s.0 (.ci/run does)"
@@ -4039,11 +4040,15 @@ def run_zeus_client(version, daemon, token=""):
                FAKE_NVML_LOG=daemon.node.log_path)
     for name in ("ZEUSD_SOCK_PATH", "ZEUSD_HOST_PORT", "ZEUSD_TOKEN"):
         env.pop(name, None)
-    result = subprocess.run([python, "-c", ZEUS_CLIENT, daemon.mode, address, token],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=env, timeout=60)
-    assert result.returncode == 0, result.stderr.decode()[-3000:]
-    return json.loads(result.stdout.decode().strip().splitlines()[-1])
+    clients = [subprocess.Popen([python, "-c", ZEUS_CLIENT, daemon.mode, address, token],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=env) for token in tokens]
+    outputs = []
+    for client in clients:
+        out, err = client.communicate(timeout=60)
+        assert client.returncode == 0, err.decode()[-3000:]
+        outputs.append(json.loads(out.decode().strip().splitlines()[-1]))
+    return outputs
 
 
 @pytest.mark.parametrize("version", sorted(ZEUS_PYTHONS))
@@ -4052,7 +4057,7 @@ def test_zeus_client_against_the_daemon(node, start, version, mode):
     node.set_gpu(2, jitter=True)  # changing readings keep events flowing, as real GPUs do
     with RaplTicker(node, CPU_TICKS):
         daemon = start(*STREAM_FORMAT_OF[version], mode=mode)
-        out = run_zeus_client(version, daemon)
+        [out] = run_zeus_clients(version, daemon, [""])
     assert out["discovery"] == {"gpu_ids": [0, 1, 2], "cpu_ids": [0, 1], "dram": [True, False],
                                 "auth": False, "read": True, "control": True}
     assert sorted(out["gpu_power"]["power_mw"]) == ["0", "1", "2"]
@@ -4098,8 +4103,8 @@ def test_zeus_client_with_tokens(node, key_path, start, version):
     daemon = start("--signing-key-path", key_path, *STREAM_FORMAT_OF[version],
                    mode="tcp")
     with RaplTicker(node, CPU_TICKS):
-        out = run_zeus_client(version, daemon, token(list(zeusd.API_GROUPS)))
-        reader = run_zeus_client(version, daemon, token(["gpu-read"]))
+        out, reader = run_zeus_clients(version, daemon, [token(list(zeusd.API_GROUPS)),
+                                                         token(["gpu-read"])])
     assert out["discovery"]["auth"] is True and out["discovery"]["control"] is True
     assert out["gpu_power"]["power_mw"]["0"] == 76000 and out["zeusd_gpu"] == "ok"
     assert sorted(list(out["stream"].values())[0]["gpu_power_w"]) == ["0", "2"]
