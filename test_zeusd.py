@@ -39,6 +39,8 @@ ZEUSD = os.path.join(HERE, "zeusd.py")
 PYTHON = os.environ.get("ZEUSD_TEST_PYTHON") or sys.executable
 TIMEOUT = 10.0
 IS_ROOT = os.geteuid() == 0
+MAY_UNSHARE = IS_ROOT and shutil.which("unshare") is not None and subprocess.call(
+    ["unshare", "--mount", "--pid", "--fork", "true"], stderr=subprocess.DEVNULL) == 0
 
 FAKE_PYNVML = r'''
 """A fake pynvml: GPUs from the JSON file $FAKE_NVML_STATE, one line per call in $FAKE_NVML_LOG."""
@@ -3668,8 +3670,8 @@ def test_session_of_names_the_leader_or_the_namespace_entry():
     assert zeusd.session_of(gone.pid) == [gone.pid, 0] and not zeusd.alive([gone.pid, 0])
 
 
-@pytest.mark.skipif(not IS_ROOT or not shutil.which("unshare") or not shutil.which("nsenter"),
-                    reason="needs root, unshare and nsenter to run a daemon in a PID namespace")
+@pytest.mark.skipif(not MAY_UNSHARE or not shutil.which("nsenter"),
+                    reason="needs root that may unshare namespaces, and nsenter")
 def test_callers_from_outside_the_daemons_pid_namespace_hold_until_released(node, start,
                                                                              public):
     """In a container (session id 0 there), a caller's session is led by the process that
@@ -3820,6 +3822,33 @@ def test_a_state_directory_others_could_tamper_with_is_refused(node, start):
         daemon = start("--enable", "gpu-control,gpu-read", "--state-dir", path, wait=False)
         assert daemon.wait_exit() == 1
         assert "the state directory %s %s" % (path, problem) in daemon.log()
+
+
+@pytest.mark.skipif(not MAY_UNSHARE or not shutil.which("setpriv"),
+                    reason="needs root that may unshare namespaces, and setpriv")
+def test_a_daemon_that_cannot_see_its_clients_sessions_is_refused(node, start):
+    """/proc with hidepid (systemd's ProtectProc=invisible) hides the clients' sessions from a
+    daemon without CAP_SYS_PTRACE: every hold would end at once."""
+    hidden_proc = ["unshare", "--mount", "--pid", "--fork", "sh", "-c",
+                   'mount -t proc -o hidepid=invisible proc /proc && exec "$@"', "sh"]
+    without_ptrace = ["setpriv", "--bounding-set=-sys_ptrace", "--inh-caps=-sys_ptrace"]
+    daemon = start("--enable", "gpu-control,gpu-read", prefix=hidden_proc + without_ptrace,
+                   wait=False)
+    assert daemon.wait_exit() == 1
+    assert "/proc is mounted with hidepid=invisible and the daemon lacks CAP_SYS_PTRACE: it " \
+           "cannot see its clients' sessions, so every GPU hold would be restored as soon as " \
+           "it is made." in daemon.log()
+    for prefix, args, mode in ((hidden_proc, (), "uds"),
+                               (hidden_proc + without_ptrace, ("--no-restore",), "uds"),
+                               (hidden_proc + without_ptrace, (), "tcp")):
+        daemon = start("--enable", "gpu-control,gpu-read", *args, prefix=prefix, mode=mode,
+                       wait=False)
+        wait_for(lambda: "listening on" in daemon.log() or daemon.process.poll() is not None,
+                 "the daemon to listen")
+        assert "listening on" in daemon.log(), daemon.log()
+        with open("/proc/%d/task/%d/children" % ((daemon.process.pid,) * 2)) as children:
+            os.kill(int(children.read().split()[0]), signal.SIGTERM)  # unshare ignores SIGTERM
+        assert daemon.wait_exit() == 0
 
 
 def test_no_restore_keeps_the_rust_daemons_behaviour(node, start):

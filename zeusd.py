@@ -23,8 +23,9 @@ The file reads from the devices up; each section starts with a `# ---- Name: its
   CPUs             RaplCounter, RaplPackage, RaplWrapGuard
   bounded waits    wait_until, BoundedCalls: request-path reads with a time limit and a watchdog
   GPU control      ControlJob (with its audit line), GpuControl: one worker per GPU
-  holds            Owner, HoldStore (holds.json under flock), RestoreJob, Holds (conflicts,
-                   claims, releases, the watcher of sessions and tokens)
+  holds            Owner, session_of (who leads a caller's session), the state directory's
+                   and /proc's startup checks, HoldStore (holds.json under flock), RestoreJob,
+                   Holds (conflicts, claims, releases, the watcher of sessions and tokens)
   sampling         Sample, FailureLog, GpuPowerMeter, CpuPowerMeter, Sampler (its subscriber
                    protocol in its docstring)
   node             Node: the devices, samplers and workers the enabled groups need
@@ -1801,6 +1802,43 @@ def check_state_directory(path, socket_directory):
         raise StartupError("the state directory %s %s: the daemon keeps the GPUs' saved "
                            "settings there (--state-dir; --no-restore keeps no state)"
                            % (path, problem))
+
+
+CAP_SYS_PTRACE = 19
+
+
+def hidden_processes():
+    """Why this daemon cannot see its clients' processes in /proc, or None: /proc mounted with
+    hidepid (systemd's ProtectProc=invisible or noaccess does that), the daemon neither in the
+    mount's gid= group nor holding CAP_SYS_PTRACE."""
+    options = []
+    try:
+        with open("/proc/self/mountinfo") as mounts:
+            for line in mounts:
+                fields = line.split()
+                if len(fields) > 4 and fields[4] == "/proc":  # the last one is on top
+                    options = line.rpartition(" - ")[2].split()[-1].split(",")
+        with open("/proc/self/status") as status:
+            effective = next(int(line.split()[1], 16) for line in status
+                             if line.startswith("CapEff:"))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+    settings = dict(option.partition("=")[::2] for option in options)
+    hidepid = settings.get("hidepid", "0")
+    exempt = settings.get("gid") in set(str(gid) for gid in os.getgroups() + [os.getegid()])
+    if hidepid in ("0", "off") or exempt or effective >> CAP_SYS_PTRACE & 1:
+        return None
+    return "/proc is mounted with hidepid=%s and the daemon lacks CAP_SYS_PTRACE" % hidepid
+
+
+def check_process_visibility():
+    """Exit 1 when the daemon cannot see its clients' sessions, which every hold needs."""
+    hidden = hidden_processes()
+    if hidden is not None:
+        raise StartupError("%s: it cannot see its clients' sessions, so every GPU hold would "
+                           "be restored as soon as it is made. Mount /proc without hidepid for "
+                           "the daemon (systemd: ProtectProc=default), or pass --no-restore"
+                           % hidden)
 
 
 class HoldStore:
@@ -4868,6 +4906,8 @@ def serve(args, groups):
     if "gpu-control" in groups and not args.no_restore:
         check_state_directory(args.state_dir, os.path.dirname(os.path.abspath(args.socket_path))
                               if args.mode == "uds" else None)
+        if args.mode == "uds":
+            check_process_visibility()
         hold_store = HoldStore(args.state_dir)
     authenticator = None
     if args.signing_key_path is not None:
