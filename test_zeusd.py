@@ -3653,6 +3653,12 @@ def test_a_leader_that_exits_while_its_children_live_ends_the_session(node, star
     print("leader exit to restore: %.3f s" % took)
 
 
+def unshared_pid(daemon):
+    """The pid of a daemon started by `unshare --fork` (which blocks SIGTERM itself)."""
+    with open("/proc/%d/task/%d/children" % ((daemon.process.pid,) * 2)) as children:
+        return int(children.read().split()[0])
+
+
 def test_session_of_names_the_leader_or_the_namespace_entry():
     def stat(pid):  # (parent, session) of a process
         with open("/proc/%d/stat" % pid) as stat_file:
@@ -3678,8 +3684,7 @@ def test_callers_from_outside_the_daemons_pid_namespace_hold_until_released(node
     entered the namespace; a caller the daemon cannot see at all holds until it releases."""
     daemon = start("--enable", "gpu-control,gpu-read", socket_name=public,
                    prefix=["unshare", "--pid", "--mount-proc", "--kill-child=SIGTERM"])
-    with open("/proc/%d/task/%d/children" % (daemon.process.pid, daemon.process.pid)) as kids:
-        daemon_pid = int(kids.read().split()[0])  # unshare's child (unshare ignores SIGTERM)
+    daemon_pid = unshared_pid(daemon)
     inside = ["nsenter", "-t", str(daemon_pid), "-p", "--"]
     entered = Client(public, SET_0, prefix=inside)
     assert entered.answers == [[200, ""]]
@@ -3846,8 +3851,7 @@ def test_a_daemon_that_cannot_see_its_clients_sessions_is_refused(node, start):
         wait_for(lambda: "listening on" in daemon.log() or daemon.process.poll() is not None,
                  "the daemon to listen")
         assert "listening on" in daemon.log(), daemon.log()
-        with open("/proc/%d/task/%d/children" % ((daemon.process.pid,) * 2)) as children:
-            os.kill(int(children.read().split()[0]), signal.SIGTERM)  # unshare ignores SIGTERM
+        os.kill(unshared_pid(daemon), signal.SIGTERM)
         assert daemon.wait_exit() == 0
 
 
