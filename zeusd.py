@@ -101,8 +101,9 @@ STREAM_FORMAT_CLIENTS = {
                   "--stream-format all-devices",
     "all-devices": "for Zeus 0.15 and older; Zeus 0.16 and newer need --stream-format "
                    "per-device, the default"}
-DEFAULT_SOCKET_PATH = "/run/zeusd/zeusd.sock"
-DEFAULT_STATE_DIR = "/run/zeusd"
+RUN_DIRECTORY = "/run/zeusd"  # 0755 whichever daemon makes it, so that the socket stays reachable
+DEFAULT_SOCKET_PATH = RUN_DIRECTORY + "/zeusd.sock"
+DEFAULT_STATE_DIR = RUN_DIRECTORY + "/state"
 RAPL_DIRS = ("/sys/class/powercap/intel-rapl", "/zeus_sys/class/powercap/intel-rapl")
 DURATION_UNITS = {}
 for _names, _seconds in ((("s", "sec", "secs", "second", "seconds"), 1),
@@ -335,7 +336,7 @@ class StartupError(Exception):
 class DeviceError(Exception):
     """A device operation that failed. kind says how, for the API to map to a status:
     invalid-argument, not-supported, no-permission, conflict (another owner holds the GPU),
-    busy, timeout or failed."""
+    busy, full (the node's hold record), timeout or failed."""
 
     def __init__(self, kind, message):
         super().__init__(message)
@@ -379,26 +380,27 @@ class HttpError(Exception):
 MAX_FILE_BYTES = 65536
 
 
-def read_small_file(path):
-    """(bytes, os.stat_result) of a regular file of at most 64 KiB. The checks are made on the
-    opened descriptor, opened without blocking, so that a FIFO, a device such as /dev/zero or a
-    file swapped in after a check is refused (OSError) rather than read or waited on."""
+def read_small_file(path, limit=MAX_FILE_BYTES):
+    """(bytes, os.stat_result) of a regular file of at most limit bytes (64 KiB: the files an
+    admin writes). The checks are made on the opened descriptor, opened without blocking, so
+    that a FIFO, a device such as /dev/zero or a file swapped in after a check is refused
+    (OSError) rather than read or waited on."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise OSError(errno.EINVAL, "not a regular file")
-        if info.st_size > MAX_FILE_BYTES:
-            raise OSError(errno.EFBIG, "larger than %d bytes" % MAX_FILE_BYTES)
+        if info.st_size > limit:
+            raise OSError(errno.EFBIG, "larger than %d bytes" % limit)
         chunks, size = [], 0
         while True:
-            chunk = os.read(fd, MAX_FILE_BYTES + 1 - size)
+            chunk = os.read(fd, limit + 1 - size)
             if not chunk:
                 return b"".join(chunks), info
             chunks.append(chunk)
             size += len(chunk)
-            if size > MAX_FILE_BYTES:
-                raise OSError(errno.EFBIG, "larger than %d bytes" % MAX_FILE_BYTES)
+            if size > limit:
+                raise OSError(errno.EFBIG, "larger than %d bytes" % limit)
     finally:
         os.close(fd)
 
@@ -406,12 +408,15 @@ def read_small_file(path):
 # ---- Authentication: HS256 JSON Web Tokens, signing keys, scopes ----
 
 TOKEN_MAX_LENGTH = 8192
+TOO_LONG_TOKEN = "Invalid token: longer than %d characters." % TOKEN_MAX_LENGTH
+CACHE_ENTRY_BYTES = 256  # what a cached outcome costs beside its token, about
 LEEWAY_S = 60
 BASE64URL = re.compile(r"[A-Za-z0-9_-]*")
 OPEN_PATHS = ("/discover", "/time", "/health")
 BEARER_CHALLENGE = (("WWW-Authenticate", 'Bearer realm="zeusd"'),)
-Claims = collections.namedtuple("Claims", "sub scopes exp gpus")
-Claims.__new__.__defaults__ = (None,)  # gpus: absent = every GPU (the Rust daemon's tokens)
+# gpus: absent = every GPU (the Rust daemon's tokens); admin: to holds what uid 0 over UDS is
+Claims = collections.namedtuple("Claims", "sub scopes exp gpus admin")
+Claims.__new__.__defaults__ = (None, False)
 
 
 def unauthorized(message):
@@ -456,13 +461,16 @@ def load_signing_key(path):
     return key
 
 
-def issue_token(key, sub, scopes, exp, gpus=None):
-    """A compact HS256 JWT with claims sub, scopes, and unless None exp and gpus."""
+def issue_token(key, sub, scopes, exp, gpus=None, admin=False):
+    """A compact HS256 JWT with claims sub, scopes, unless None exp and gpus, and admin if
+    true."""
     claims = {"sub": sub, "scopes": list(scopes)}
     if exp is not None:
         claims["exp"] = exp
     if gpus is not None:
         claims["gpus"] = list(gpus)
+    if admin:
+        claims["admin"] = True
     signing_input = (b64url_encode(b'{"alg":"HS256","typ":"JWT"}') + "."
                      + b64url_encode(json.dumps(claims, separators=(",", ":")).encode("utf-8")))
     signature = hmac.new(key, signing_input.encode("ascii"), hashlib.sha256).digest()
@@ -484,7 +492,7 @@ def decode_segment(segment, what):
 def verify_token(key, token):
     """The claims of a correctly signed HS256 token; HttpError(401) saying what is wrong."""
     if len(token) > TOKEN_MAX_LENGTH:
-        raise unauthorized("Invalid token: longer than %d characters." % TOKEN_MAX_LENGTH)
+        raise unauthorized(TOO_LONG_TOKEN)
     segments = token.split(".")
     if len(segments) != 3:
         raise unauthorized("Invalid token: expected three base64url segments separated by dots.")
@@ -517,28 +525,34 @@ def verify_token(key, token):
                                                  for i in gpus):
             raise unauthorized("Invalid token: claim 'gpus' must be a list of GPU indices.")
         gpus = tuple(sorted(set(gpus)))
-    return Claims(sub, tuple(scopes), exp, gpus)
+    admin = claims.get("admin", False)
+    if admin is not True and admin is not False:
+        raise unauthorized("Invalid token: claim 'admin' must be true or false.")
+    return Claims(sub, tuple(scopes), exp, gpus, admin)
 
 
 class Authenticator:
     """Checks Authorization headers against the signing key, and token scopes against groups.
 
-    Verification outcomes are cached, failures included (at most CACHE_SIZE tokens), so that a
-    client repeating a badly signed token does not make the daemon verify it again. The key
-    and the cache are swapped together when SIGHUP reloads the key, so that no token is ever
-    checked against one key and cached under the other.
+    Verification outcomes are cached, failures included, so that a client repeating a badly
+    signed token does not make the daemon verify it again; the cache is emptied when it holds
+    CACHE_BYTES of tokens, and a token over the length limit is refused without being kept, so
+    that a flood of distinct tokens cannot grow the daemon. The key and the cache are swapped
+    together when SIGHUP reloads the key, so that no token is ever checked against one key and
+    cached under the other.
     """
 
-    CACHE_SIZE = 4096
+    CACHE_BYTES = 1 << 20
 
     def __init__(self, path):
         self.path = path
         self.keyring = (load_signing_key(path), {})
+        self.cached_bytes = 0
 
     def reload(self):
         """Re-read the key file; on failure keep the current key and log why."""
         try:
-            self.keyring = (load_signing_key(self.path), {})
+            self.keyring, self.cached_bytes = (load_signing_key(self.path), {}), 0
         except StartupError as err:
             log.error("SIGHUP: keeping the current signing key: %s", err)
         else:
@@ -557,13 +571,17 @@ class Authenticator:
         key, verified = self.keyring
         claims = verified.get(token)
         if claims is None:
+            if len(token) > TOKEN_MAX_LENGTH:
+                raise unauthorized(TOO_LONG_TOKEN)
             try:
                 claims = verify_token(key, token)
             except HttpError as err:
                 claims = err.message  # cached as text: a raised error would keep its frames
-            if len(verified) >= self.CACHE_SIZE:
+            if self.cached_bytes >= self.CACHE_BYTES:
                 verified.clear()
+                self.cached_bytes = 0
             verified[token] = claims
+            self.cached_bytes += len(token) + CACHE_ENTRY_BYTES
         if claims.__class__ is str:
             raise unauthorized(claims)
         if claims.exp is not None and time.time() > claims.exp + LEEWAY_S:
@@ -821,21 +839,26 @@ class TimedLibrary:
 
 
 def open_gpu_backend():
-    """NVML's GPUs; a backend without GPUs (and a warning) where pynvml or the driver is absent."""
+    """(NVML's GPUs, None); (a backend without GPUs, why) where pynvml or the driver is absent,
+    the reason also logged as a warning."""
     try:
         import pynvml
     except ImportError:
-        log.warning("pynvml is not installed (pip install nvidia-ml-py): serving zero GPUs")
-        return GpuBackend()
+        return no_gpus("pynvml is not installed (pip install nvidia-ml-py): serving zero GPUs")
     try:
-        return NvmlBackend(TimedLibrary(pynvml) if log.isEnabledFor(logging.DEBUG) else pynvml)
+        return NvmlBackend(TimedLibrary(pynvml) if log.isEnabledFor(logging.DEBUG) else pynvml), \
+            None
     except pynvml.NVMLError as err:
         if getattr(err, "value", None) in NVML_ABSENT:
-            log.warning("NVML is not available (%s): serving zero GPUs", err)
-            return GpuBackend()
+            return no_gpus("NVML is not available (%s): serving zero GPUs" % err)
         raise StartupError("cannot initialise NVML: %s" % err)
     except Exception as err:
         raise StartupError("cannot initialise NVML: %s: %s" % (type(err).__name__, err))
+
+
+def no_gpus(problem):
+    log.warning("%s", problem)
+    return GpuBackend(), problem
 
 
 # ---- TOML subset: the syntax of the GPU command override file, read as tomllib reads it ----
@@ -1721,8 +1744,14 @@ PIDFD_OPEN = getattr(os, "pidfd_open", None)  # Python 3.9 and Linux 5.3 or newe
 RESTORE_WAIT_S = 30.0  # how long a release waits for a GPU's restore
 RESTORE_STOP_S = 2.0  # how long a stopping daemon waits for restores at least
 RESTORE_OPERATIONS = ("set_power_limit", "set_persistence_mode", "reset_locked_clocks")
-# An owner: a uid and the login session it asked from (UDS), or a token's user and expiry (TCP).
-Owner = collections.namedtuple("Owner", "uid user session exp")
+MAX_SESSIONS = 64  # sessions one hold records: a uid cannot grow the state file without bound
+HOLDS_RECORD_LIMIT = 1 << 20  # a change that would grow holds.json past this is refused
+HOLDS_FILE_LIMIT = HOLDS_RECORD_LIMIT + MAX_FILE_BYTES  # room for the daemon's own marks
+MAX_WATCH_SLEEP_S = 3600.0  # the watcher looks again at least this often (poll takes < 2^31 ms)
+# An owner: a uid and the login session it asked from (UDS), or a token's user and expiry (TCP);
+# admin: an admin token's user, to holds what uid 0 over UDS is.
+Owner = collections.namedtuple("Owner", "uid user session exp admin")
+Owner.__new__.__defaults__ = (False,)
 UNSEEN_SESSION = [0, 0]  # the session of a caller the daemon cannot see (another PID namespace)
 MAX_ANCESTORS = 4096  # how far up session_of climbs (pids get reused while it climbs)
 
@@ -1745,16 +1774,18 @@ def process_start(pid):
     return int(fields[19])
 
 
-def session_of(pid):
+def session_of(pid, start=None):
     """[leader pid, leader start time] of a process's login session. The start time tells a
     session from a later one whose leader got the same pid. A session begun outside the
     daemon's PID namespace (its id reads 0 here, `nsenter`, `docker exec`) is led by the process
     that entered the namespace: the caller's topmost ancestor here. UNSEEN_SESSION for a
-    caller outside the namespace (pid 0); an ended session for one already gone."""
+    caller outside the namespace (pid 0); an ended session for one already gone, or (given the
+    caller's start time at connect) for a process that got its pid since (pid reuse)."""
     if not pid:
         return list(UNSEEN_SESSION)
     fields = stat_fields(pid)
-    if not fields or len(fields) < 20:
+    if not fields or len(fields) < 20 or start is not None and (
+            fields[0] in (b"Z", b"X") or int(fields[19]) != start):
         return [pid, 0]
     leader = int(fields[3])
     if leader == 0:
@@ -1773,6 +1804,17 @@ def alive(process):
     if process == UNSEEN_SESSION:
         return True
     return bool(process[1]) and process_start(process[0]) == process[1]
+
+
+def holder_name(hold):
+    """A hold's user: the token's sub, or the passwd name of its uid (None if it has none)."""
+    uid = hold.get("uid")
+    if uid is None:
+        return hold.get("user")
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return None
 
 
 def iso_time(milliseconds):
@@ -1836,9 +1878,10 @@ def check_process_visibility():
     hidden = hidden_processes()
     if hidden is not None:
         raise StartupError("%s: it cannot see its clients' sessions, so every GPU hold would "
-                           "be restored as soon as it is made. Mount /proc without hidepid for "
-                           "the daemon (systemd: ProtectProc=default), or pass --no-restore"
-                           % hidden)
+                           "be restored as soon as it is made. Give the daemon CAP_SYS_PTRACE "
+                           "(systemd: a drop-in with [Service] CapabilityBoundingSet="
+                           "CAP_SYS_PTRACE, added to the unit's set), or mount /proc without "
+                           "hidepid, or pass --no-restore" % hidden)
 
 
 class HoldStore:
@@ -1853,20 +1896,27 @@ class HoldStore:
         self.lock_path = os.path.join(directory, HOLDS_LOCK)
         self.seen = (None, {})  # (the file's identity and mtime, its holds) as last read
 
-    def update(self, change):
-        """change(holds) under the lock, the file rewritten if holds changed; its outcome."""
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o600)
+    def update(self, change, limit=HOLDS_FILE_LIMIT):
+        """change(holds) under the lock, the file rewritten if holds changed; its outcome.
+        DeviceError("full") if the file would pass limit bytes (it is not written then: the
+        daemon never writes a file it would refuse to read), DeviceError("failed") if it
+        cannot be written."""
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            holds = self.load(moving_aside=True)
-            before = json.dumps(holds, sort_keys=True)
-            outcome = change(holds)
-            if json.dumps(holds, sort_keys=True) != before:
-                self.save(holds)
-            return outcome
-        finally:
-            os.close(fd)
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                holds = self.load(moving_aside=True)
+                before = json.dumps(holds, sort_keys=True)
+                outcome = change(holds)
+                if json.dumps(holds, sort_keys=True) != before:
+                    self.save(holds, limit)
+                return outcome
+            finally:
+                os.close(fd)
+        except OSError as err:
+            raise DeviceError("failed", "cannot write the state file %s: %s"
+                              % (self.path, err.strerror or err))
 
     def current(self):
         """The holds as the file has them now (read without the lock: writes are atomic)."""
@@ -1884,7 +1934,7 @@ class HoldStore:
             return json.loads(json.dumps(self.seen[1]))
         problem = None
         try:
-            data, opened = read_small_file(self.path)
+            data, opened = read_small_file(self.path, HOLDS_FILE_LIMIT)
             if opened.st_uid != os.geteuid() or opened.st_mode & 0o077:
                 problem = "is not the daemon's user's, or others may read or write it (uid %d, " \
                           "mode %04o)" % (opened.st_uid, opened.st_mode & 0o7777)
@@ -1906,8 +1956,12 @@ class HoldStore:
                       self.path, problem, aside)
         return {}
 
-    def save(self, holds):
+    def save(self, holds, limit):
         data = json.dumps({"holds": holds}, sort_keys=True).encode()
+        if len(data) > limit:
+            raise DeviceError("full", "the node's hold record is full: %s would grow to %d "
+                              "bytes, past %d; release held GPUs first" % (self.path, len(data),
+                                                                            limit))
         temp = "%s.%d.tmp" % (self.path, os.getpid())
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
                      0o600)
@@ -1948,7 +2002,7 @@ class RestoreJob:
     persistence mode, then both locked clocks reset; one audit line, and the hold ends whatever
     the outcome (a failure is logged at ERROR and counted)."""
 
-    __slots__ = ("gpu", "hold", "reason", "holds", "done", "error")
+    __slots__ = ("gpu", "hold", "reason", "holds", "done", "error", "until_ms")
 
     def __init__(self, gpu, hold, reason, holds):
         self.gpu = gpu
@@ -1957,6 +2011,15 @@ class RestoreJob:
         self.holds = holds
         self.done = threading.Event()
         self.error = None
+        self.until_ms = None
+
+    def receipt(self):
+        """What the ended hold was, and how its restore went (after done)."""
+        hold = self.hold
+        return {"hold": hold["id"], "gpu": self.gpu, "uid": hold.get("uid"),
+                "user": holder_name(hold), "since_ms": hold["since_ms"],
+                "until_ms": self.until_ms, "saved": hold["saved"], "reason": self.reason,
+                "restore": "ok" if self.error is None else "error: " + self.error.message}
 
     def run(self, backend, counts, counts_lock):
         saved, problems = self.hold["saved"], []
@@ -1975,6 +2038,7 @@ class RestoreJob:
         if problems:
             self.error = DeviceError("failed", "restoring GPU %d: %s" % (self.gpu,
                                                                        "; ".join(problems)))
+        self.until_ms = int(time.time() * 1000)
         self.holds.restored(self, "ok" if not problems else "error")
         persistence = saved.get("persistence_mode")
         audit(bool(problems), "restore gpu=%d power_limit_mw=%s persistence=%s clocks=reset "
@@ -1989,13 +2053,14 @@ class Holds:
 
     The first change an owner makes to a GPU records the GPU's settings as they were (a hold),
     before the change runs, on the GPU's worker; later changes by the same owner extend it.
-    Changes by others are refused (409) while it lasts; uid 0 over UDS is never refused. One
-    watcher thread restores a hold when the owner's last session has ended (UDS owners), when
-    its token expires (TCP owners), or when the daemon that recorded it is gone and so is its
-    owner; it wakes on the session leaders' pidfds, or polls /proc once a second where
-    pidfd_open is missing, and sleeps while this daemon holds nothing. A background worker:
-    start() adopts the holds of daemons no longer running and starts the watcher, stop() ends
-    it.
+    Changes by others are refused (409) while it lasts, and by everyone while it is being
+    restored; uid 0 over UDS and admin tokens are never refused by a hold. One watcher thread
+    restores a hold when the owner's last session has ended (UDS owners), when its token
+    expires (TCP owners), or when the daemon that recorded it is gone and so is its owner; it
+    wakes on the session leaders' pidfds, or polls /proc once a second where pidfd_open is
+    missing, and sleeps while this daemon holds nothing. No failure ends the watcher: a state
+    file that cannot be written is logged and tried again. A background worker: start()
+    adopts the holds of daemons no longer running and starts the watcher, stop() ends it.
     """
 
     def __init__(self, store, control, backend):
@@ -2005,6 +2070,10 @@ class Holds:
         self.me = [os.getpid(), process_start(os.getpid())]
         self.lock = threading.Lock()
         self.restores = collections.Counter()  # (gpu, reason, result) -> restores
+        self.write_failures = 0  # state-file writes that failed as a hold ended
+        self.running = {}  # gpu -> the RestoreJob this daemon runs on it
+        self.unended = {}  # gpu -> id of a hold that ended but could not be written out yet
+        self.unknown = set()  # ids of holds of GPUs this daemon does not have (logged once)
         self.stopped = False
         self.wake_read, self.wake_write = os.pipe()
         self.pidfds = {}  # session leader pid -> its pidfd
@@ -2012,21 +2081,29 @@ class Holds:
     # Changes and releases, for the API
 
     def conflict(self, owner, ids):
-        """The 409 message for the first of ids another owner holds, or None."""
+        """The 409 message for the first of ids that owner may not change, or None."""
         holds = self.store.current()
         for gpu in ids:
             hold = holds.get(str(gpu))
-            if hold is not None and not self.may_change(owner, hold):
-                return self.held_message(gpu, hold)
+            message = hold and self.refusal(owner, gpu, hold)
+            if message:
+                return message
         return None
+
+    def refusal(self, owner, gpu, hold):
+        """Why owner may not change a GPU with this hold (the 409 message), or None: the one
+        place where conflicts are decided. A GPU being restored is nobody's to change, or a
+        change could land between the restore's steps."""
+        if hold.get("restoring"):
+            return ("GPU %d is being restored (reason %s): its saved settings are being put "
+                    "back; try again in a moment." % (gpu, hold["restoring"]))
+        return None if self.may_change(owner, hold) else self.held_message(gpu, hold)
 
     @staticmethod
     def may_change(owner, hold):
-        if hold.get("restoring"):
-            return True
         if owner is None:
             return False
-        if owner.uid == 0:
+        if owner.uid == 0 or owner.admin:
             return True
         if owner.uid is not None:
             return hold.get("uid") == owner.uid
@@ -2047,10 +2124,32 @@ class Holds:
         return ("GPU %d is held by user '%s' (since %s): its settings are restored when that "
                 "user's token expires or it releases it." % (gpu, hold.get("user"), since))
 
+    @staticmethod
+    def extend(gpu, hold, owner):
+        """A change by the holder: its session joins the hold (at most MAX_SESSIONS of them),
+        its token's expiry lengthens it. uid 0 and admin tokens leave others' holds as they
+        are."""
+        if owner.uid is not None:
+            if owner.uid != hold.get("uid") or not owner.session or \
+                    owner.session in hold["sessions"]:
+                return
+            if len(hold["sessions"]) >= MAX_SESSIONS:
+                hold["sessions"] = [session for session in hold["sessions"] if alive(session)]
+            if len(hold["sessions"]) >= MAX_SESSIONS:
+                raise DeviceError("conflict", "GPU %d is held by uid %d in %d sessions, the most "
+                                  "one hold records: release it (zeusd release) or end one of "
+                                  "them first." % (gpu, owner.uid, MAX_SESSIONS))
+            hold["sessions"].append(owner.session)
+        elif hold.get("uid") is None and hold.get("user") == owner.user and \
+                hold.get("exp") is not None:
+            hold["exp"] = None if owner.exp is None else max(hold["exp"], owner.exp)
+
     def claim(self, owner):
-        """The claim a ControlJob makes before its change (see ControlJob): refuses a GPU held
-        by another owner; for an owner, records the GPU's settings first as a new hold, or
-        adds the session to its hold."""
+        """The claim a ControlJob makes before its change (see ControlJob): refuses a GPU that
+        owner may not change; for an owner, records the GPU's settings first as a new hold, or
+        extends its hold. The API asked conflict() before queueing the change, to answer at
+        once; this second look, under the state file's lock, is the one that counts, since
+        another daemon of the node may have changed the file in between."""
         def claim(gpu):
             if owner is None:
                 message = self.conflict(None, (gpu,))
@@ -2063,12 +2162,11 @@ class Holds:
 
             def change(holds):
                 hold = holds.get(str(gpu))
-                if hold is not None and not hold.get("restoring"):
-                    if not self.may_change(owner, hold):
-                        raise DeviceError("conflict", self.held_message(gpu, hold))
-                    same = owner.uid == hold.get("uid") if owner.uid is not None else True
-                    if same and owner.session and owner.session not in hold["sessions"]:
-                        hold["sessions"].append(owner.session)
+                if hold is not None:
+                    message = self.refusal(owner, gpu, hold)
+                    if message is not None:
+                        raise DeviceError("conflict", message)
+                    self.extend(gpu, hold, owner)
                     return None
                 holds[str(gpu)] = {
                     "id": binascii.hexlify(os.urandom(8)).decode(), "uid": owner.uid,
@@ -2076,7 +2174,7 @@ class Holds:
                     "sessions": [owner.session] if owner.session else [],
                     "since_ms": int(time.time() * 1000), "saved": saved, "daemon": self.me}
                 return holds[str(gpu)]["id"]
-            hold_id = self.store.update(change)
+            hold_id = self.store.update(change, HOLDS_RECORD_LIMIT)
             if hold_id is not None and owner.session == UNSEEN_SESSION:
                 log.warning("GPU %d is held by uid %d from outside the daemon's PID namespace, "
                             "where the end of its session cannot be seen: its settings are "
@@ -2084,7 +2182,7 @@ class Holds:
                             gpu, owner.uid)
             self.wake()
             # a change that fails holds nothing: its hold ends, nothing to put back
-            return None if hold_id is None else lambda: self.forget(gpu, hold_id)
+            return None if hold_id is None else lambda: self.end(gpu, hold_id)
         return claim
 
     def forget(self, gpu, hold_id):
@@ -2094,10 +2192,23 @@ class Holds:
                 del holds[str(gpu)]
         self.store.update(change)
 
+    def end(self, gpu, hold_id):
+        """forget(), on the path that ends a hold: a state file that cannot be written is an
+        ERROR line, counted, and the watcher writes the end later; the caller goes on."""
+        try:
+            self.forget(gpu, hold_id)
+        except DeviceError as err:
+            with self.lock:
+                self.unended[gpu] = hold_id
+                self.write_failures += 1
+            log.error("GPU %d's hold has ended, but %s; the holds watcher tries again every %g s",
+                      gpu, err.message, WATCH_INTERVAL_S)
+            self.wake()
+
     def release(self, owner, ids, within, gone=None):
         """Restore the GPUs of ids (None: every GPU of within the owner may release) that are
-        held: {gpu: DeviceError} of those whose restore failed; DeviceError("conflict") if one
-        of ids is another owner's (nothing is restored then)."""
+        held: ({gpu: its RestoreJob}, {gpu: DeviceError} of those whose restore failed);
+        DeviceError("conflict") if one of ids is another owner's (nothing is restored then)."""
         def change(holds):
             chosen = []
             for key, hold in sorted(holds.items()):
@@ -2110,8 +2221,7 @@ class Holds:
                 chosen.append(key)
             return [self.mark(holds, key, "released") for key in chosen]
         jobs = self.store.update(change)
-        for job in jobs:
-            self.control.enqueue(job)
+        self.run(jobs)
         errors = {}
         for job in jobs:
             if not wait_until(job.done, time.monotonic() + RESTORE_WAIT_S, gone):
@@ -2119,7 +2229,7 @@ class Holds:
                                               "within %d s" % (job.gpu, RESTORE_WAIT_S))
             elif job.error is not None:
                 errors[job.gpu] = job.error
-        return errors
+        return {job.gpu: job for job in jobs}, errors
 
     def mark(self, holds, key, reason):
         """Mark a hold as being restored, this daemon doing it; its RestoreJob."""
@@ -2127,11 +2237,20 @@ class Holds:
         hold["restoring"], hold["daemon"] = reason, self.me
         return RestoreJob(int(key), dict(hold), reason, self)
 
+    def run(self, jobs):
+        """Queue restores (their holds marked in the state file) on their GPUs' workers."""
+        for job in jobs:
+            with self.lock:
+                self.running[job.gpu] = job
+            self.control.enqueue(job)
+
     def restored(self, job, result):
-        """A RestoreJob ran: the hold ends, and the restore is counted."""
-        self.forget(job.gpu, job.hold["id"])
+        """A RestoreJob ran: the restore is counted, and the hold ends."""
         with self.lock:
             self.restores[job.gpu, job.reason, result] += 1
+            if self.running.get(job.gpu) is job:
+                del self.running[job.gpu]
+        self.end(job.gpu, job.hold["id"])
         self.wake()
 
     def view(self):
@@ -2153,60 +2272,91 @@ class Holds:
         os.write(self.wake_write, b"w")
 
     def restore_all(self, reason):
-        """Restore every hold this daemon keeps (it is stopping), waiting for the restores."""
+        """Restore every hold this daemon keeps (it is stopping), waiting for these restores
+        and those already under way, each within its bound; a restore still running then is
+        left, with its hold, to the next daemon (an ERROR line names the GPU)."""
         def change(holds):
             return [self.mark(holds, key, reason) for key, hold in sorted(holds.items())
                     if hold["daemon"] == self.me and not hold.get("restoring")]
-        jobs = self.store.update(change)
-        for job in jobs:
-            self.control.enqueue(job)
-        deadline = time.monotonic() + max([RESTORE_STOP_S] + [
-            self.backend.limit_s(operation) for operation in RESTORE_OPERATIONS])
+        try:
+            self.run(self.store.update(change))
+        except DeviceError as err:
+            log.error("cannot restore the GPUs' settings before stopping: %s", err.message)
+        with self.lock:
+            jobs = sorted(self.running.values(), key=lambda job: job.gpu)
+        bound = max([RESTORE_STOP_S] + [self.backend.limit_s(operation)
+                                        for operation in RESTORE_OPERATIONS])
+        deadline = time.monotonic() + bound
         for job in jobs:
             if not job.done.wait(max(0.0, deadline - time.monotonic())):
-                log.error("GPU %d did not finish its restore before the daemon stopped; its "
-                          "hold stays in the state file for the next daemon", job.gpu)
+                log.error("GPU %d did not finish its restore (reason %s) within %g s of the "
+                          "daemon's stop; its hold stays in %s for the next daemon", job.gpu,
+                          job.reason, bound, self.store.path)
 
     def watch(self):
         poller = select.poll()
         poller.register(self.wake_read, select.POLLIN)
+        failing = False
         while not self.stopped:
             try:
-                leaders, expiry = self.check()
+                timeout = self.follow(poller)
+                if failing:
+                    log.info("the holds in %s are checked again", self.store.path)
+                    failing = False
             except Exception as err:
-                log.error("cannot check the GPUs' holds in %s: %s: %s; trying again in %g s",
-                          self.store.path, type(err).__name__, err, WATCH_INTERVAL_S)
-                time.sleep(WATCH_INTERVAL_S)
-                continue
-            for leader in set(self.pidfds) - leaders:
-                poller.unregister(self.pidfds[leader])
-                os.close(self.pidfds.pop(leader))
-            polled = True
-            for leader in leaders - set(self.pidfds):
-                try:
-                    self.pidfds[leader] = PIDFD_OPEN(leader)
-                    poller.register(self.pidfds[leader], select.POLLIN)
-                except (TypeError, OSError):
-                    polled = False
-            timeout = None if polled else WATCH_INTERVAL_S
-            if expiry is not None:
-                until = max(0.0, expiry - time.time())
-                timeout = until if timeout is None else min(timeout, until)
+                if not failing:
+                    log.error("cannot check the GPUs' holds in %s: %s: %s; trying again every "
+                              "%g s", self.store.path, type(err).__name__, err, WATCH_INTERVAL_S)
+                failing, timeout = True, WATCH_INTERVAL_S
             for fd, _ in poller.poll(None if timeout is None else timeout * 1000 + 1):
                 if fd == self.wake_read:
                     os.read(self.wake_read, 4096)
         for fd in self.pidfds.values():
             os.close(fd)
 
+    def follow(self, poller):
+        """Check the holds, and watch the session leaders of those this daemon keeps: the
+        seconds until the next check is due (at most MAX_WATCH_SLEEP_S; a token may expire in
+        a year), None while only a wake-up or a leader's exit can bring one."""
+        leaders, expiry = self.check()
+        for leader in set(self.pidfds) - leaders:
+            poller.unregister(self.pidfds[leader])
+            os.close(self.pidfds.pop(leader))
+        polled = True
+        for leader in leaders - set(self.pidfds):
+            try:
+                self.pidfds[leader] = PIDFD_OPEN(leader)
+                poller.register(self.pidfds[leader], select.POLLIN)
+            except (TypeError, OSError):
+                polled = False
+        timeout = None if polled and not self.unended else WATCH_INTERVAL_S
+        if expiry is not None:
+            timeout = min(timeout or MAX_WATCH_SLEEP_S, max(0.0, expiry - time.time()))
+        return timeout if timeout is None else min(timeout, MAX_WATCH_SLEEP_S)
+
     def check(self):
-        """Adopt the holds of daemons no longer running, restore those whose owner is gone;
-        (the session leaders to watch, the next token expiry) of the holds this daemon keeps."""
+        """Write out the ends that could not be written, adopt the holds of daemons no longer
+        running, restore those whose owner is gone; (the session leaders to watch, the next
+        token expiry) of the holds this daemon keeps. A hold of a GPU this daemon does not
+        have is left as it is, for a daemon that has it (one ERROR line)."""
         now = time.time()
         leaders, expiries = set(), []
+        with self.lock:
+            unended = dict(self.unended)
 
         def change(holds):
+            for gpu, hold_id in unended.items():
+                if holds.get(str(gpu), {}).get("id") == hold_id:
+                    del holds[str(gpu)]
             jobs = []
             for key, hold in sorted(holds.items()):
+                if int(key) >= len(self.control.queues):
+                    if hold["id"] not in self.unknown:
+                        self.unknown.add(hold["id"])
+                        log.error("the state file %s has a hold of GPU %s, which this daemon "
+                                  "does not have (it has %d GPUs); the hold is left as it is",
+                                  self.store.path, key, len(self.control.queues))
+                    continue
                 adopted = hold["daemon"] != self.me
                 if adopted and alive(hold["daemon"]):
                     continue
@@ -2230,8 +2380,12 @@ class Holds:
                         "session-ended" if hold.get("uid") is not None else "token-expired")
                     jobs.append(self.mark(holds, key, reason))
             return jobs
-        for job in self.store.update(change):
-            self.control.enqueue(job)
+        jobs = self.store.update(change)
+        with self.lock:
+            for gpu, hold_id in unended.items():
+                if self.unended.get(gpu) == hold_id:
+                    del self.unended[gpu]
+        self.run(jobs)
         return leaders, min(expiries) if expiries else None
 
 
@@ -2586,8 +2740,11 @@ class Node:
     def __init__(self, groups, gpu_hz, cpu_hz, rapl_dir, overrides=None, hold_store=None):
         self.gpu = GpuBackend()
         self.cpus = []
+        self.problems = []  # why an enabled group serves fewer devices than the node has
         if "gpu-read" in groups or "gpu-control" in groups:
-            self.gpu = open_gpu_backend()
+            self.gpu, problem = open_gpu_backend()
+            if problem is not None:
+                self.problems.append(problem)
             if overrides:
                 self.gpu = OverriddenBackend(self.gpu, overrides)
         if "cpu-read" in groups:
@@ -2620,7 +2777,7 @@ class Node:
 # ---- HTTP, replies: the one reply type, and how device errors map to statuses ----
 
 DEVICE_STATUS = {"invalid-argument": 400, "not-supported": 400, "no-permission": 403,
-                 "conflict": 409, "busy": 503, "timeout": 503, "failed": 500}
+                 "conflict": 409, "busy": 503, "full": 503, "timeout": 503, "failed": 500}
 SEVERITY = {500: 3, 503: 3, 409: 2, 403: 2, 400: 1}
 
 
@@ -2758,13 +2915,7 @@ INTERNAL_ERROR = Reply(500, error_body("Internal server error; see the daemon's 
 def hold_json(hold):
     """A hold as /gpu/holds shows it."""
     uid = hold.get("uid")
-    user = hold.get("user")
-    if uid is not None:
-        try:
-            user = pwd.getpwuid(uid).pw_name
-        except KeyError:
-            user = None
-    return {"uid": uid, "user": user,
+    return {"uid": uid, "user": holder_name(hold),
             "sessions": [session[0] for session in hold["sessions"]] if uid is not None else None,
             "since_ms": hold["since_ms"], "saved": hold["saved"]}
 
@@ -2805,7 +2956,7 @@ class Api:
         return {
             "/discover": Route(None, "GET", None, self.discover),
             "/time": Route(None, "GET", None, self.time),
-            "/health": Route(None, "GET", None, self.health),
+            "/health": Route(None, "GET", {"strict": (parse_bool, False)}, self.health),
             "/auth/whoami": Route(None, "GET", None, self.whoami),
             "/metrics": Route(None, "GET", None, self.scrape),
             "/gpu/set_power_limit": Route(
@@ -2917,12 +3068,17 @@ class Api:
         return Reply(200, b'{"timestamp_ms": %d}' % int(time.time() * 1000))
 
     def health(self, args, claims, request):
-        """200 while every device answered its latest read, else 503 naming what fails."""
+        """200 while every device answered its latest read, else 503 naming what fails; 200
+        "degraded" (503 with strict=true) where a GPU group serves no GPUs because NVML did
+        not load."""
         node, metrics = self.node, self.metrics
         failing = set(node.gpu_calls.overdue().values())
         for failures in (node.gpu_sampler.failures, node.cpu_sampler.failures,
                          metrics.gpu_failures, metrics.cpu_failures):
             failing.update(failures.failing.values())
+        if not failing and node.problems and not args.get("strict"):
+            return Reply(200, json_body({"status": "degraded", "problems": node.problems}))
+        failing.update(node.problems if args.get("strict") else ())
         if not failing:
             return HEALTHY
         message = "; ".join(sorted(failing))
@@ -2935,6 +3091,8 @@ class Api:
             body["exp"] = claims.exp
         if claims.gpus is not None:
             body["gpus"] = list(claims.gpus)
+        if claims.admin:
+            body["admin"] = True
         return Reply(200, json_body(body))
 
     def scrape(self, args, claims, request):
@@ -2989,9 +3147,9 @@ class Api:
         over TCP the token's user (until it expires); None (unowned) over TCP without auth."""
         caller = request.caller
         if caller.uid is not None:
-            return Owner(caller.uid, None, session_of(caller.pid), None)
+            return Owner(caller.uid, None, session_of(caller.pid, caller.start), None)
         if claims is not None:
-            return Owner(None, claims.sub, None, claims.exp)
+            return Owner(None, claims.sub, None, claims.exp, claims.admin)
         return None
 
     def release(self, args, claims, request):
@@ -2999,13 +3157,15 @@ class Api:
         ids = None if requested is None else self.gpus_for(requested, claims)
         holds = self.node.holds
         if holds is None:
-            return EMPTY_OK
+            return Reply(200, b"{}")
         try:
-            errors = holds.release(self.owner(request, claims), ids, self.gpus_for(None, claims),
-                                   request.caller.gone)
+            ended, errors = holds.release(self.owner(request, claims), ids,
+                                          self.gpus_for(None, claims), request.caller.gone)
         except DeviceError as err:
             raise HttpError(409, err.message)
-        return errors_reply(errors)
+        if errors:
+            return errors_reply(errors)
+        return Reply(200, json_body({str(gpu): job.receipt() for gpu, job in ended.items()}))
 
     def holds(self, args, claims, request):
         ids = self.gpus_for(args.get("gpu_ids"), claims)
@@ -3207,10 +3367,14 @@ class Metrics:
                         [((("gpu", i),), 1 if i in held else 0) for i in ids])
             with holds.lock:
                 restores = sorted(holds.restores.items())
+                write_failures = holds.write_failures
             page.family("zeusd_gpu_restores_total", "counter",
                         "GPU settings put back, by reason and outcome.",
                         [((("gpu", gpu), ("reason", reason), ("result", result)), count)
                          for (gpu, reason, result), count in restores if gpu in ids])
+            page.family("zeusd_state_file_write_errors_total", "counter",
+                        "Ends of holds that could not be written to the state file at once.",
+                        [((), write_failures)])
 
     def cpu_families(self, page):
         node = self.node
@@ -3681,18 +3845,20 @@ class RequestReader:
 
 class Caller:
     """Who sent a request, as data for the API: `peer` as logged (`ip:port`, `uid=U pid=P`),
-    the peer's uid and pid over a Unix socket (SO_PEERCRED; None over TCP), and whether it is
-    still connected."""
+    the peer's uid and pid over a Unix socket (SO_PEERCRED; None over TCP) with the start
+    time of that process as the connection began (a later process with its pid is not the
+    caller), and whether it is still connected."""
 
-    __slots__ = ("peer", "uid", "pid", "sock", "abandon")
+    __slots__ = ("peer", "uid", "pid", "start", "sock", "abandon")
     GONE = select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", 0x2000)
 
     def __init__(self, sock, address, abandon=None):
         self.sock = sock
         self.abandon = abandon  # (device, DeviceError): answer from elsewhere, see BoundedCalls
-        self.uid = self.pid = None
+        self.uid = self.pid = self.start = None
         if sock.family == socket.AF_UNIX:
             self.pid, self.uid = address if address else (None, None)
+            self.start = process_start(self.pid) if self.pid else None
             self.peer = "unix" if self.uid is None else "uid=%d pid=%d" % (self.uid, self.pid)
         else:
             self.peer = "%s:%d" % (bracketed(address[0]), address[1])
@@ -3971,6 +4137,22 @@ class Slot:
                     del server.by_client[self.client]
 
 
+def client_key(host):
+    """Who a TCP client is, for its fair share: every loopback address is one client (a local
+    user may bind any of 127.0.0.0/8), an IPv6 address counts by its /64, an IPv4 one whole."""
+    if host.startswith("::ffff:") and "." in host:
+        host = host[7:]
+    if "." in host:
+        return "loopback" if host.startswith("127.") else host
+    if host == "::1":
+        return "loopback"
+    try:
+        prefix = socket.inet_pton(socket.AF_INET6, host.partition("%")[0])[:8]
+        return socket.inet_ntop(socket.AF_INET6, prefix + bytes(8)) + "/64"
+    except OSError:
+        return host
+
+
 class ConnectionCap(socketserver.ThreadingMixIn):
     """One daemon thread per connection, at most max_connections; the next is answered 503.
     Out of descriptors, the accept loop backs off instead of spinning."""
@@ -4015,7 +4197,7 @@ class ConnectionCap(socketserver.ThreadingMixIn):
     def client_of(self, request, client_address):
         """(the address the handler gets, the client's key for its fair share or None)."""
         if request.family != socket.AF_UNIX:
-            return client_address, client_address[0]
+            return client_address, client_key(client_address[0])
         credentials = peer_credentials(request)
         return credentials, (credentials[1] if credentials and credentials[1] != 0 else None)
 
@@ -4232,24 +4414,43 @@ def lock_socket_path(path):
     return fd
 
 
-def make_default_socket_directory(path):
-    """Create /run/zeusd (0755) when the socket path is the default and it is missing."""
+def make_default_directory(path, default):
+    """Create /run/zeusd (0755) when path (the socket's or the state directory's) is its
+    default, default, and /run/zeusd is missing."""
     parent = os.path.dirname(path)
-    if path == DEFAULT_SOCKET_PATH and not os.path.isdir(parent):
+    if path == default and not os.path.isdir(parent):
         try:
             os.mkdir(parent, 0o755)
             os.chmod(parent, 0o755)
         except FileExistsError:
             pass
         except OSError as err:
-            raise StartupError("cannot create %s for the default socket: %s"
-                               % (parent, err.strerror or err))
+            raise StartupError("cannot create %s for %s: %s"
+                               % (parent, path, err.strerror or err))
+
+
+def closed_directory(path, mode):
+    """(directory, mode) of the first directory on a socket's path that keeps out the others
+    whom the socket's mode lets in, or None."""
+    if not mode & 0o006:
+        return None
+    directory = os.path.dirname(os.path.abspath(path))
+    while True:
+        try:
+            info = os.stat(directory)
+        except OSError:
+            return None
+        if not info.st_mode & 0o001:
+            return directory, stat.S_IMODE(info.st_mode)
+        if directory == os.path.dirname(directory):
+            return None
+        directory = os.path.dirname(directory)
 
 
 def open_server(args, api):
     per_client = args.max_connections_per_client or max(1, args.max_connections // 4)
     if args.mode == "uds":
-        make_default_socket_directory(args.socket_path)
+        make_default_directory(args.socket_path, DEFAULT_SOCKET_PATH)
         lock_fd = lock_socket_path(args.socket_path)
         claim_socket_path(args.socket_path)
         try:
@@ -4258,6 +4459,12 @@ def open_server(args, api):
         except OSError as err:
             raise StartupError("cannot listen on %s: %s" % (args.socket_path, err))
         server.lock_fd = lock_fd  # held, never closed: the lock lasts as long as the daemon
+        closed = closed_directory(args.socket_path, args.socket_permissions)
+        if closed is not None:
+            log.warning("the socket %s is mode %03o, but the directory %s on its path is mode "
+                        "%04o: users outside its owner and group cannot reach the socket (chmod "
+                        "o+x %s, or another --socket-path)", args.socket_path,
+                        args.socket_permissions, closed[0], closed[1], closed[0])
         return server
     host, port = args.tcp_bind_address
     shown_address = "%s:%d" % (bracketed(host), port)
@@ -4414,13 +4621,13 @@ class DaemonClient:
                 "or have the daemon started with --socket-permissions 666"
                 % (self.where, info.st_mode & 0o7777, group, group))
 
-    def open(self, path, deadline):
-        """(status, headers, reader) of GET path, the connection left open for the body."""
+    def open(self, path, deadline, method="GET"):
+        """(status, headers, reader) of the request, the connection left open for the body."""
         sock = self.connect(deadline)
         reader = HttpReader(sock, self.where, deadline)
         try:
-            sock.sendall(("GET %s HTTP/1.1\r\nHost: zeusd\r\nConnection: close\r\n%s\r\n" % (
-                path, "Authorization: Bearer %s\r\n" % self.token if self.token else "")
+            sock.sendall(("%s %s HTTP/1.1\r\nHost: zeusd\r\nConnection: close\r\n%s\r\n" % (
+                method, path, "Authorization: Bearer %s\r\n" % self.token if self.token else "")
             ).encode("latin-1"))
             status, headers = reader.head()
         except OSError as err:
@@ -4432,9 +4639,10 @@ class DaemonClient:
         self.server = printable(headers.get("server", "?"), 40)
         return status, headers, reader
 
-    def get(self, path, deadline):
-        """The JSON answer to GET path; StatusError naming the daemon's error otherwise."""
-        status, headers, reader = self.open(path, deadline)
+    def get(self, path, deadline, method="GET"):
+        """The JSON answer to GET (or method) path; StatusError naming the daemon's error
+        otherwise."""
+        status, headers, reader = self.open(path, deadline, method)
         try:
             body = reader.body(headers)
         finally:
@@ -4446,11 +4654,11 @@ class DaemonClient:
         if status != 200:
             message = value.get("error") or value.get("errors") if isinstance(value, dict) \
                 else body[:200].decode("utf-8", "replace")
-            raise StatusError("%s answered %d to GET %s: %s" % (self.where, status, path,
-                                                                printable(message)))
+            raise StatusError("%s answered %d to %s %s: %s" % (self.where, status, method, path,
+                                                               printable(message)))
         if not isinstance(value, dict):
-            raise StatusError("%s answered GET %s with something other than a JSON object"
-                              % (self.where, path))
+            raise StatusError("%s answered %s %s with something other than a JSON object"
+                              % (self.where, method, path))
         return value
 
     def get_or_none(self, path, deadline, notes):
@@ -4474,13 +4682,25 @@ def node_status(client, streams=None):
     discovery, notes = client.get("/discover", deadline), []
     gpus = [gpu for gpu in listed(discovery.get("gpus")) if isinstance(gpu, dict)]
     cpus = [cpu for cpu in listed(discovery.get("cpus")) if isinstance(cpu, dict)]
+    for device in gpus + cpus:
+        if type(device.get("id")) is not int or not 0 <= device["id"] <= U32_MAX:
+            raise StatusError("the daemon at %s named a device %s, which is not a device index"
+                              % (client.where, printable(json.dumps(device.get("id")), 40)))
     if discovery.get("auth_required"):
         if not client.token:
             raise StatusError("the daemon at %s requires a token: set ZEUSD_TOKEN (or pass "
                               "--token)" % client.where)
-        allowed = client.get("/auth/whoami", deadline).get("gpus")
+        whoami = client.get("/auth/whoami", deadline)
+        allowed, scopes = whoami.get("gpus"), listed(whoami.get("scopes"))
         if isinstance(allowed, list):
             gpus = [gpu for gpu in gpus if gpu.get("id") in allowed]
+        unreadable = [(kind, group) for kind, group, devices in (
+            ("GPUs", "gpu-read", gpus), ("CPUs", "cpu-read", cpus))
+            if devices and group not in scopes]
+        for kind, group in unreadable:
+            notes.append("the token has no '%s' scope: %s not shown" % (group, kind))
+        gpus = [] if ("GPUs", "gpu-read") in unreadable else gpus
+        cpus = [] if ("CPUs", "cpu-read") in unreadable else cpus
     readings = {"gpu": {}, "cpu": {}}
     if gpus:
         ids = ",".join(str(gpu.get("id")) for gpu in gpus)
@@ -4512,14 +4732,30 @@ def node_status(client, streams=None):
     return gpus, cpus, readings, notes
 
 
+def status_text(client, streams=None):
+    """The node's table; an answer of a shape this client does not expect is a StatusError
+    (one line), never a traceback."""
+    try:
+        return status_table(client, *node_status(client, streams))
+    except (TypeError, KeyError, AttributeError, ValueError, IndexError, UnicodeError) as err:
+        raise StatusError("the daemon at %s answered in a shape this client does not expect "
+                          "(%s: %s)" % (client.where, type(err).__name__, printable(err, 100)))
+
+
+def emit(text):
+    """Write to stdout what its encoding can carry, the rest replaced."""
+    encoding = sys.stdout.encoding or "utf-8"
+    sys.stdout.write(text.encode(encoding, "replace").decode(encoding))
+
+
 def holder(hold):
     """Who holds a GPU, as the status table shows it."""
     if not isinstance(hold, dict):
         return "-"
     if hold.get("uid") is not None:
-        sessions = hold.get("sessions") or ["-"]
-        return "uid %s%s (session %s)" % (hold["uid"], " %s" % hold["user"] if hold.get("user")
-                                          else "", sessions[0])
+        sessions = hold.get("sessions")
+        return "uid %s%s%s" % (hold["uid"], " %s" % hold["user"] if hold.get("user") else "",
+                               " (session %s)" % sessions[0] if sessions else "")
     return "user '%s'" % hold.get("user")
 
 
@@ -4613,13 +4849,47 @@ class StreamFollower:
         return {key: value for key, value in self.latest.items() if key in answered}
 
 
-def status(args):
-    """Print the node's table once, or redraw it every --watch seconds from the streams."""
+def client_of_args(args):
+    """The DaemonClient that --socket-path or --tcp, --token and --timeout name (else
+    $ZEUSD_SOCK_PATH or the default socket, $ZEUSD_TOKEN)."""
     token = args.token or os.environ.get("ZEUSD_TOKEN")
     socket_path = args.socket_path or os.environ.get("ZEUSD_SOCK_PATH") or DEFAULT_SOCKET_PATH
-    client = DaemonClient(socket_path, args.tcp, token, args.timeout)
+    return DaemonClient(socket_path, args.tcp, token, args.timeout)
+
+
+def release(args):
+    """`zeusd release`: end the caller's holds (of --gpus, else all it may release); print
+    what each ended hold had saved and put back."""
+    client = client_of_args(args)
+    path = "/gpu/release" + ("?gpu_ids=" + ",".join(map(str, args.gpus)) if args.gpus else "")
+    try:
+        receipts = client.get(path, time.monotonic() + client.timeout, "POST")
+        lines = [receipt_line(key, receipt) for key, receipt in sorted(
+            receipts.items(), key=lambda item: int(item[0]) if DIGITS.fullmatch(item[0]) else -1)]
+    except (TypeError, KeyError, AttributeError, ValueError, IndexError, UnicodeError) as err:
+        raise StatusError("the daemon at %s answered in a shape this client does not expect "
+                          "(%s: %s)" % (client.where, type(err).__name__, printable(err, 100)))
+    emit("\n".join(lines) + "\n" if lines else "nothing to release: no GPU%s held by you\n"
+         % (" of " + ",".join(map(str, args.gpus)) if args.gpus else ""))
+    return 0
+
+
+def receipt_line(key, receipt):
+    """One ended hold, as `zeusd release` prints it."""
+    saved = receipt.get("saved") or {}
+    persistence = saved.get("persistence_mode")
+    return "GPU %s: %s power_limit_mw=%s persistence=%s clocks=reset (held by %s since %s)" % (
+        printable(key, 10), "restored" if receipt.get("restore") == "ok" else printable(
+            receipt.get("restore"), 200), printable(saved.get("power_limit_mw"), 12),
+        "-" if persistence is None else int(bool(persistence)), printable(holder(receipt), 60),
+        iso_time(receipt["since_ms"]) if type(receipt.get("since_ms")) is int else "?")
+
+
+def status(args):
+    """Print the node's table once, or redraw it every --watch seconds from the streams."""
+    client = client_of_args(args)
     if args.watch is None:
-        sys.stdout.write(status_table(client, *node_status(client)))
+        emit(status_text(client))
         return 0
     streams = {
         "gpu": StreamFollower(client, "/gpu/stream_power", "gpu_id",
@@ -4630,12 +4900,12 @@ def status(args):
     try:
         while True:
             try:
-                table = status_table(client, *node_status(client, streams))
+                table = status_text(client, streams)
             except StatusError as err:
                 table = "%s  %s\n%s; retrying every %g s\n" % (
                     printable(client.where), time.strftime("%Y-%m-%d %H:%M:%S"),
                     printable(err, 300), args.watch)
-            sys.stdout.write(clear + table)
+            emit(clear + table)
             sys.stdout.flush()
             time.sleep(args.watch)
     except KeyboardInterrupt:
@@ -4815,32 +5085,51 @@ def build_parser():
     issue.add_argument("--expires", required=True, type=duration_arg,
                        help='Token lifetime. Human-readable duration (e.g., "1h", "7d", "30d"). '
                             'Use "never"\nfor tokens that do not expire')
+    issue.add_argument("--admin", action="store_true",
+                       help="An admin token: like root over the Unix socket, never refused by "
+                            "another's hold,\nand it may release any GPU (within its scopes and "
+                            "GPUs); for a Slurm epilog\non a TCP-only node")
     status_parser = commands.add_parser(
         "status", help="Show a running daemon's devices and their power",
         description="Show a running daemon's devices: power, energy and power limits of the "
                     "GPUs, power and energy of the CPU packages and DRAM",
         formatter_class=fmt)
-    where = status_parser.add_mutually_exclusive_group()
+    add_daemon_address(status_parser, "everything one table needs")
+    status_parser.add_argument("--watch", type=float, nargs="?", const=1.0, metavar="SECONDS",
+                               help="Redraw every SECONDS (default 1) from the daemon's streams, "
+                                    "until Ctrl-C")
+    release_parser = commands.add_parser(
+        "release", help="Put back the settings of the GPUs you changed, and end your holds",
+        description="Put back the saved settings of the GPUs you hold (POST /gpu/release) and "
+                    "end those holds, as the end of your session would: for a long-lived shell "
+                    "(ssh, tmux, srun --pty) that outlives the job that changed them",
+        formatter_class=fmt)
+    add_daemon_address(release_parser, "the restores")
+    release_parser.add_argument("--gpus", type=gpu_list_arg, metavar="IDS",
+                                help="GPU indices to release, comma-separated [default: every "
+                                     "GPU you hold]")
+    parser.subcommands = {"serve": serve, "token": issue, "status": status_parser,
+                          "release": release_parser}
+    return parser
+
+
+def add_daemon_address(parser, what):
+    """The flags of a client of a running daemon: where it listens, the token, the timeout."""
+    where = parser.add_mutually_exclusive_group()
     where.add_argument("--socket-path",
                        help="The daemon's Unix socket [default: $ZEUSD_SOCK_PATH, else %s]"
                             % DEFAULT_SOCKET_PATH)
     where.add_argument("--tcp", type=tcp_address_arg, metavar="HOST:PORT",
                        help="The daemon's TCP address instead, e.g. node1:4938")
-    status_parser.add_argument("--token", help="Bearer token [default: $ZEUSD_TOKEN]")
-    status_parser.add_argument("--timeout", type=float, default=STATUS_TIMEOUT_S,
-                               metavar="SECONDS",
-                               help="Longest wait for everything one table needs [default: %g]"
-                                    % STATUS_TIMEOUT_S)
-    status_parser.add_argument("--watch", type=float, nargs="?", const=1.0, metavar="SECONDS",
-                               help="Redraw every SECONDS (default 1) from the daemon's streams, "
-                                    "until Ctrl-C")
-    parser.subcommands = {"serve": serve, "token": issue, "status": status_parser}
-    return parser
+    parser.add_argument("--token", help="Bearer token [default: $ZEUSD_TOKEN]")
+    parser.add_argument("--timeout", type=float, default=STATUS_TIMEOUT_S, metavar="SECONDS",
+                        help="Longest wait for %s [default: %g]" % (what, STATUS_TIMEOUT_S))
 
 
 # ---- Main: startup in the documented order, signals, serving, token issuing ----
 
-SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR2)
+LEAVE_HOLDS = signal.SIGUSR2  # stop without restoring: the next daemon adopts the holds
 STARTUP_SIGNAL_POLL_S = 1.0
 DEVICES_OPENED = signal.SIGUSR1  # sent to the main thread by the thread that opened the devices
 
@@ -4904,6 +5193,7 @@ def serve(args, groups):
     check_privileges(groups, overrides)
     hold_store = None
     if "gpu-control" in groups and not args.no_restore:
+        make_default_directory(args.state_dir, DEFAULT_STATE_DIR)
         check_state_directory(args.state_dir, os.path.dirname(os.path.abspath(args.socket_path))
                               if args.mode == "uds" else None)
         if args.mode == "uds":
@@ -4937,11 +5227,13 @@ def serve(args, groups):
         if received != signal.SIGHUP:
             break
         on_hangup(authenticator)
-    log.info("received %s; shutting down", signal.Signals(received).name)
+    log.info("received %s; shutting down%s", signal.Signals(received).name,
+             ", leaving the GPUs' holds in the state file for the next daemon"
+             if received == LEAVE_HOLDS and node.holds is not None else "")
     if args.mode == "uds":
         server.remove_socket()
     server.stop_accepting()
-    if node.holds is not None:
+    if node.holds is not None and received != LEAVE_HOLDS:
         node.holds.restore_all("daemon-stopping")
     node.stop()
     server.wait_for_streams(1.0)
@@ -4956,7 +5248,7 @@ def issue(args, scopes):
         sys.stderr.write("zeusd token issue: warning: the token grants no scope: it can only "
                          "call /auth/whoami (give --scope GROUPS or --scope all)\n")
     exp = None if args.expires is None else int(time.time()) + args.expires
-    sys.stdout.write(issue_token(key, args.user, scopes, exp, args.gpus) + "\n")
+    sys.stdout.write(issue_token(key, args.user, scopes, exp, args.gpus, args.admin) + "\n")
     return 0
 
 
@@ -4965,11 +5257,11 @@ def main(argv=None):
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         parser.subcommands[args.command].error("unrecognized arguments: " + " ".join(unknown))
-    if args.command == "status":
+    if args.command in ("status", "release"):
         try:
-            return status(args)
+            return status(args) if args.command == "status" else release(args)
         except StatusError as err:
-            sys.stderr.write("zeusd status: %s\n" % err)
+            sys.stderr.write("zeusd %s: %s\n" % (args.command, err))
             return 1
     is_serve = args.command == "serve"
     prog, flag = ("zeusd serve", "--enable") if is_serve else ("zeusd token issue", "--scope")
