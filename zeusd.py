@@ -56,6 +56,7 @@ connection writes reply_bytes in one sendall, counts it and logs it (RequestLine
 import argparse
 import base64
 import binascii
+import calendar
 import collections
 import ctypes
 import errno
@@ -1645,7 +1646,7 @@ class ControlJob:
                  "error", "answered", "claim")
 
     def __init__(self, gpu, operation, args, named, who, limit_s, claim=None):
-        self.claim = claim  # called first: may refuse the change, or give back how to undo a hold
+        self.claim = claim  # a HoldClaim: may refuse the change, and puts it on the hold's record
         self.gpu = gpu
         self.operation = operation
         self.args = args
@@ -1658,18 +1659,17 @@ class ControlJob:
         self.answered = False
 
     def run(self, backend, counts, counts_lock):
-        undo = None
+        claimed = None
         try:
             if self.claim is not None:
-                undo = self.claim(self.gpu)
-            getattr(backend, self.operation)(self.gpu, *self.args)
+                claimed = self.claim.before(self.gpu)
+            if self.operation != "hold":
+                getattr(backend, self.operation)(self.gpu, *self.args)
         except DeviceError as err:
             self.error = err
         except Exception as err:
             self.error = DeviceError("failed", "%s failed on GPU %d: %s"
                                      % (self.operation, self.gpu, err))
-        if self.error is not None and undo is not None:
-            undo()
         result = "ok" if self.error is None else "error"
         with counts_lock:
             counts[self.operation, result] += 1
@@ -1677,6 +1677,8 @@ class ControlJob:
               "%s %s gpu=%d%s: %s%s", self.who, self.operation, self.gpu, self.named,
               "ok" if self.error is None else "error: " + self.error.message,
               " (finished after its caller was answered 503)" if self.answered else "")
+        if claimed is not None:
+            self.claim.after(self.gpu, claimed, self.error)
         self.done.set()
 
     def outcome(self, gone):
@@ -1735,6 +1737,164 @@ class GpuControl:
             job = jobs.get()
 
 
+# ---- Receipts: the energy of every ended hold, one JSON line each in receipts.jsonl ----
+
+RECEIPTS_FILE = "receipts.jsonl"
+RECEIPTS_ROTATE_BYTES = 64 << 20  # past this the file becomes receipts.jsonl.1
+SLURM_JOB = re.compile(r"/job_(\d{1,20})(?=/|$)")
+
+
+def holder_name(hold):
+    """A hold's user: the token's sub, or the passwd name of its uid (None if it has none)."""
+    uid = hold.get("uid")
+    if uid is None:
+        return hold.get("user")
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return None
+
+
+def hold_energy(hold, energy_mj, note=None):
+    """(J since the hold began, to 3 decimals, None), or (None, why not), given the GPU's
+    energy counter now (None, with note: no reading)."""
+    start = hold.get("energy_mj")
+    if start is None:
+        return None, hold.get("energy_note") or "no energy reading when the hold began"
+    if energy_mj is None:
+        return None, note
+    if energy_mj < start:
+        return None, "the GPU's energy counter went backwards during the hold (a driver reload?)"
+    return round((energy_mj - start) / 1000.0, 3), None
+
+
+def receipt_of(hold, gpu, uuid, energy_mj, energy_note, reason, restore):
+    """The receipt of a hold that ends now."""
+    energy_j, note = hold_energy(hold, energy_mj, energy_note)
+    receipt = collections.OrderedDict([
+        ("hold", hold["id"]), ("gpu", gpu), ("uuid", uuid), ("uid", hold.get("uid")),
+        ("user", holder_name(hold)), ("job", hold.get("job")), ("since_ms", hold["since_ms"]),
+        ("until_ms", int(time.time() * 1000)), ("energy_j", energy_j)])
+    if note is not None:
+        receipt["energy_note"] = note
+    receipt["changes"] = hold.get("changes", [])
+    if hold.get("changes_left_out"):
+        receipt["changes_left_out"] = hold["changes_left_out"]
+    receipt.update([("saved", hold["saved"]), ("reason", reason), ("restore", restore)])
+    return receipt
+
+
+def slurm_job_of(pid):
+    """The Slurm job id (digits) of a process in a Slurm job's cgroup (v1 or v2), or None."""
+    try:
+        with open("/proc/%d/cgroup" % pid, "rb") as cgroups:
+            lines = cgroups.read(MAX_FILE_BYTES).decode("utf-8", "replace").splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        match = SLURM_JOB.search(line.split(":", 2)[-1])
+        if match:
+            return match.group(1)
+    return None
+
+
+class Receipts:
+    """receipts.jsonl in the state directory: one JSON line per ended hold, appended (O_APPEND)
+    and fsynced; past 64 MiB renamed to receipts.jsonl.1 (replacing it) and begun anew. A file
+    that is not the daemon's user's 0600 regular file (a symlink, a FIFO, another user's) is
+    moved aside with an ERROR line. A receipt that cannot be written is an ERROR line, counted:
+    the hold ends all the same."""
+
+    def __init__(self, directory):
+        self.path = os.path.join(directory, RECEIPTS_FILE)
+        self.lock = threading.Lock()
+        self.counts = collections.Counter()  # reason -> receipts written
+        self.failures = 0
+
+    def append(self, receipt):
+        line = (json.dumps(receipt) + "\n").encode("utf-8")
+        try:
+            fd = self.open()
+            try:
+                written = os.write(fd, line)
+                if written != len(line):
+                    raise OSError(errno.ENOSPC, "wrote %d of %d bytes" % (written, len(line)))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as err:
+            with self.lock:
+                self.failures += 1
+            log.error("cannot write the receipt of GPU %d's hold %s to %s: %s",
+                      receipt["gpu"], receipt["hold"], self.path, err.strerror or err)
+            return
+        with self.lock:
+            self.counts[receipt["reason"]] += 1
+
+    def open(self):
+        """A descriptor appending to the file, which is checked and rotated first."""
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
+                             | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
+            except OSError as err:
+                if err.errno not in (errno.ELOOP, errno.ENXIO, errno.EISDIR):
+                    raise
+                self.move_aside("is a symlink, a FIFO or a directory")
+                continue
+            info = os.fstat(fd)
+            problem = ("is not a regular file" if not stat.S_ISREG(info.st_mode) else
+                       "is not the daemon's user's, or others may read or write it (uid %d, mode "
+                       "%04o)" % (info.st_uid, stat.S_IMODE(info.st_mode))
+                       if info.st_uid != os.geteuid() or info.st_mode & 0o077 else None)
+            if problem is None and info.st_size < RECEIPTS_ROTATE_BYTES:
+                return fd
+            try:
+                if problem is not None:
+                    self.move_aside(problem)
+                else:
+                    fcntl.flock(fd, fcntl.LOCK_EX)  # one daemon of the node rotates it
+                    current = os.stat(self.path)
+                    if (current.st_ino, current.st_dev) == (info.st_ino, info.st_dev):
+                        os.rename(self.path, self.path + ".1")
+            finally:
+                os.close(fd)
+        raise OSError(errno.EAGAIN, "the file keeps being replaced")
+
+    def move_aside(self, problem):
+        aside = "%s.bad-%s" % (self.path, time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
+        try:
+            os.rename(self.path, aside)
+        except OSError as err:
+            aside = "nowhere (%s)" % (err.strerror or err)
+        log.error("the receipts file %s %s; moved it to %s and began a new one", self.path,
+                  problem, aside)
+
+    def written(self, hold_id):
+        """Whether a receipt of the hold is on file already (a daemon that died after writing
+        it and before ending the hold): read line by line, never whole."""
+        needle = ('"hold": "%s"' % hold_id).encode()
+        try:
+            return any(needle in line for line in receipt_lines(os.path.dirname(self.path)))
+        except OSError:
+            return False
+
+
+def receipt_lines(directory):
+    """The lines of receipts.jsonl.1, then of receipts.jsonl, read as they come."""
+    for name in (RECEIPTS_FILE + ".1", RECEIPTS_FILE):
+        try:
+            fd = os.open(os.path.join(directory, name), os.O_RDONLY | os.O_NONBLOCK
+                         | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue
+        with os.fdopen(fd, "rb") as opened:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(errno.EINVAL, "%s is not a regular file" % opened.name)
+            for line in opened:
+                yield line
+
+
 # ---- Holds: who changed which GPU, the settings to put back, the state file of the node ----
 
 HOLDS_FILE = "holds.json"
@@ -1747,6 +1907,7 @@ RESTORE_OPERATIONS = ("set_power_limit", "set_persistence_mode", "reset_locked_c
 MAX_SESSIONS = 64  # sessions one hold records: a uid cannot grow the state file without bound
 HOLDS_RECORD_LIMIT = 1 << 20  # a change that would grow holds.json past this is refused
 HOLDS_FILE_LIMIT = HOLDS_RECORD_LIMIT + MAX_FILE_BYTES  # room for the daemon's own marks
+MAX_CHANGES = 100  # changes one hold records; the rest are counted
 MAX_WATCH_SLEEP_S = 3600.0  # the watcher looks again at least this often (poll takes < 2^31 ms)
 # An owner: a uid and the login session it asked from (UDS), or a token's user and expiry (TCP);
 # admin: an admin token's user, to holds what uid 0 over UDS is.
@@ -1804,17 +1965,6 @@ def alive(process):
     if process == UNSEEN_SESSION:
         return True
     return bool(process[1]) and process_start(process[0]) == process[1]
-
-
-def holder_name(hold):
-    """A hold's user: the token's sub, or the passwd name of its uid (None if it has none)."""
-    uid = hold.get("uid")
-    if uid is None:
-        return hold.get("user")
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return None
 
 
 def iso_time(milliseconds):
@@ -1999,10 +2149,10 @@ def parse_holds(data):
 
 class RestoreJob:
     """Puts a GPU's saved settings back, on its control worker: the power limit, then the
-    persistence mode, then both locked clocks reset; one audit line, and the hold ends whatever
-    the outcome (a failure is logged at ERROR and counted)."""
+    persistence mode, then both locked clocks reset; its receipt, one audit line, and the hold
+    ends whatever the outcome (a failure is logged at ERROR and counted)."""
 
-    __slots__ = ("gpu", "hold", "reason", "holds", "done", "error", "until_ms")
+    __slots__ = ("gpu", "hold", "reason", "holds", "done", "error", "receipt")
 
     def __init__(self, gpu, hold, reason, holds):
         self.gpu = gpu
@@ -2011,17 +2161,10 @@ class RestoreJob:
         self.holds = holds
         self.done = threading.Event()
         self.error = None
-        self.until_ms = None
-
-    def receipt(self):
-        """What the ended hold was, and how its restore went (after done)."""
-        hold = self.hold
-        return {"hold": hold["id"], "gpu": self.gpu, "uid": hold.get("uid"),
-                "user": holder_name(hold), "since_ms": hold["since_ms"],
-                "until_ms": self.until_ms, "saved": hold["saved"], "reason": self.reason,
-                "restore": "ok" if self.error is None else "error: " + self.error.message}
+        self.receipt = None
 
     def run(self, backend, counts, counts_lock):
+        energy_mj, energy_note = self.holds.energy_now(self.gpu)
         saved, problems = self.hold["saved"], []
         steps = [(backend.reset_locked_clocks, ())]
         if saved.get("persistence_mode") is not None:
@@ -2038,7 +2181,9 @@ class RestoreJob:
         if problems:
             self.error = DeviceError("failed", "restoring GPU %d: %s" % (self.gpu,
                                                                        "; ".join(problems)))
-        self.until_ms = int(time.time() * 1000)
+        self.receipt = receipt_of(self.hold, self.gpu, backend.gpus[self.gpu].uuid, energy_mj,
+                                  energy_note, self.reason, "ok" if not problems else
+                                  "error: " + self.error.message)
         self.holds.restored(self, "ok" if not problems else "error")
         persistence = saved.get("persistence_mode")
         audit(bool(problems), "restore gpu=%d power_limit_mw=%s persistence=%s clocks=reset "
@@ -2046,6 +2191,25 @@ class RestoreJob:
               "-" if persistence is None else int(bool(persistence)), self.reason,
               "ok" if not problems else "error: " + self.error.message)
         self.done.set()
+
+
+class HoldClaim:
+    """What a control command asks of the holds, on its GPU's worker (see Holds.claim and
+    Holds.changed): before, whether owner may change the GPU, its hold made or extended; after,
+    the change on the hold's record."""
+
+    __slots__ = ("holds", "owner", "change")
+
+    def __init__(self, holds, owner, change):
+        self.holds = holds
+        self.owner = owner
+        self.change = change  # {"op": operation, argument: value, ...}; None for a bare hold
+
+    def before(self, gpu):
+        return self.holds.claim(gpu, self.owner)
+
+    def after(self, gpu, claimed, error):
+        self.holds.changed(gpu, claimed, self.change, error)
 
 
 class Holds:
@@ -2065,6 +2229,7 @@ class Holds:
 
     def __init__(self, store, control, backend):
         self.store = store
+        self.receipts = Receipts(store.directory)
         self.control = control
         self.backend = backend
         self.me = [os.getpid(), process_start(os.getpid())]
@@ -2144,46 +2309,85 @@ class Holds:
                 hold.get("exp") is not None:
             hold["exp"] = None if owner.exp is None else max(hold["exp"], owner.exp)
 
-    def claim(self, owner):
-        """The claim a ControlJob makes before its change (see ControlJob): refuses a GPU that
-        owner may not change; for an owner, records the GPU's settings first as a new hold, or
-        extends its hold. The API asked conflict() before queueing the change, to answer at
+    def claim(self, gpu, owner):
+        """Before a change of gpu, on its worker: refuses it if owner may not change the GPU;
+        for an owner, records the GPU's settings and its energy counter first as a new hold,
+        or extends its hold. (the GPU's hold id, whether the hold is new), or None where
+        nobody holds it. The API asked conflict() before queueing the change, to answer at
         once; this second look, under the state file's lock, is the one that counts, since
         another daemon of the node may have changed the file in between."""
-        def claim(gpu):
-            if owner is None:
-                message = self.conflict(None, (gpu,))
+        if owner is None:
+            message = self.conflict(None, (gpu,))
+            if message is not None:
+                raise DeviceError("conflict", message)
+            return None
+        saved = {"power_limit_mw": self.backend.power_limit_mw(gpu),
+                 "persistence_mode": self.backend.persistence_mode(gpu),
+                 "gpu_locked_clocks": "reset", "mem_locked_clocks": "reset"}
+        energy_mj, energy_note = self.energy_now(gpu)
+        leader = owner.session[0] if owner.session and owner.session != UNSEEN_SESSION else None
+
+        def change(holds):
+            hold = holds.get(str(gpu))
+            if hold is not None:
+                message = self.refusal(owner, gpu, hold)
                 if message is not None:
                     raise DeviceError("conflict", message)
-                return None
-            saved = {"power_limit_mw": self.backend.power_limit_mw(gpu),
-                     "persistence_mode": self.backend.persistence_mode(gpu),
-                     "gpu_locked_clocks": "reset", "mem_locked_clocks": "reset"}
+                self.extend(gpu, hold, owner)
+                return hold["id"], False
+            holds[str(gpu)] = {
+                "id": binascii.hexlify(os.urandom(8)).decode(), "uid": owner.uid,
+                "user": owner.user, "exp": owner.exp,
+                "sessions": [owner.session] if owner.session else [],
+                "since_ms": int(time.time() * 1000), "saved": saved, "daemon": self.me,
+                "energy_mj": energy_mj, "energy_note": energy_note,
+                "job": slurm_job_of(leader) if leader else None, "changes": []}
+            return holds[str(gpu)]["id"], True
+        claimed = self.store.update(change, HOLDS_RECORD_LIMIT)
+        if claimed[1] and owner.session == UNSEEN_SESSION:
+            log.warning("GPU %d is held by uid %d from outside the daemon's PID namespace, "
+                        "where the end of its session cannot be seen: its settings are "
+                        "restored on POST /gpu/release or when the daemon stops",
+                        gpu, owner.uid)
+        self.wake()
+        return claimed
 
-            def change(holds):
-                hold = holds.get(str(gpu))
-                if hold is not None:
-                    message = self.refusal(owner, gpu, hold)
-                    if message is not None:
-                        raise DeviceError("conflict", message)
-                    self.extend(gpu, hold, owner)
-                    return None
-                holds[str(gpu)] = {
-                    "id": binascii.hexlify(os.urandom(8)).decode(), "uid": owner.uid,
-                    "user": owner.user, "exp": owner.exp,
-                    "sessions": [owner.session] if owner.session else [],
-                    "since_ms": int(time.time() * 1000), "saved": saved, "daemon": self.me}
-                return holds[str(gpu)]["id"]
-            hold_id = self.store.update(change, HOLDS_RECORD_LIMIT)
-            if hold_id is not None and owner.session == UNSEEN_SESSION:
-                log.warning("GPU %d is held by uid %d from outside the daemon's PID namespace, "
-                            "where the end of its session cannot be seen: its settings are "
-                            "restored on POST /gpu/release or when the daemon stops",
-                            gpu, owner.uid)
-            self.wake()
-            # a change that fails holds nothing: its hold ends, nothing to put back
-            return None if hold_id is None else lambda: self.end(gpu, hold_id)
-        return claim
+    def changed(self, gpu, claimed, change, error):
+        """After a change of a held GPU: a success on the hold's record (at most MAX_CHANGES,
+        then counted); a failure ends a hold it made (it holds nothing to put back)."""
+        hold_id, new = claimed
+        if error is not None:
+            if new:
+                self.end(gpu, hold_id)
+            return
+        if change is None:
+            return
+        entry = dict(change, t_ms=int(time.time() * 1000))
+
+        def record(holds):
+            hold = holds.get(str(gpu))
+            if hold is None or hold["id"] != hold_id:
+                return
+            changes = hold.setdefault("changes", [])
+            if len(changes) < MAX_CHANGES:
+                changes.append(entry)
+            else:
+                hold["changes_left_out"] = hold.get("changes_left_out", 0) + 1
+        try:
+            self.store.update(record, HOLDS_RECORD_LIMIT)
+        except DeviceError as err:
+            log.error("GPU %d's change is not on its hold's record: %s", gpu, err.message)
+
+    def energy_now(self, gpu):
+        """(GPU's energy counter in mJ, None), or (None, why there is no reading)."""
+        if not self.backend.gpus[gpu].cumulative_energy_available:
+            return None, "GPU %d has no total energy counter" % gpu
+        try:
+            return self.backend.energy_mj(gpu), None
+        except DeviceError as err:
+            return None, err.message
+        except Exception as err:
+            return None, "reading GPU %d's energy failed: %s" % (gpu, err)
 
     def forget(self, gpu, hold_id):
         """End the hold hold_id of a GPU (if it still is the GPU's hold) without a restore."""
@@ -2208,11 +2412,15 @@ class Holds:
     def release(self, owner, ids, within, gone=None):
         """Restore the GPUs of ids (None: every GPU of within the owner may release) that are
         held: ({gpu: its RestoreJob}, {gpu: DeviceError} of those whose restore failed);
-        DeviceError("conflict") if one of ids is another owner's (nothing is restored then)."""
+        DeviceError("conflict") if one of ids is another owner's (nothing is restored then).
+        Restores of those GPUs already under way here are waited for, so that their receipts
+        are on file when the release answers."""
+        scope = within if ids is None else ids
+
         def change(holds):
             chosen = []
             for key, hold in sorted(holds.items()):
-                if hold.get("restoring") or int(key) not in (within if ids is None else ids):
+                if hold.get("restoring") or int(key) not in scope:
                     continue
                 if not self.may_change(owner, hold):
                     if ids is None:
@@ -2220,14 +2428,16 @@ class Holds:
                     raise DeviceError("conflict", self.held_message(int(key), hold))
                 chosen.append(key)
             return [self.mark(holds, key, "released") for key in chosen]
+        with self.lock:
+            under_way = [job for gpu, job in self.running.items() if gpu in scope]
         jobs = self.store.update(change)
         self.run(jobs)
         errors = {}
-        for job in jobs:
+        for job in jobs + under_way:
             if not wait_until(job.done, time.monotonic() + RESTORE_WAIT_S, gone):
                 errors[job.gpu] = DeviceError("timeout", "GPU %d did not finish its restore "
                                               "within %d s" % (job.gpu, RESTORE_WAIT_S))
-            elif job.error is not None:
+            elif job.error is not None and job in jobs:
                 errors[job.gpu] = job.error
         return {job.gpu: job for job in jobs}, errors
 
@@ -2245,12 +2455,16 @@ class Holds:
             self.control.enqueue(job)
 
     def restored(self, job, result):
-        """A RestoreJob ran: the restore is counted, and the hold ends."""
+        """A RestoreJob ran: the restore is counted, its receipt on file, and the hold ends
+        (after the receipt, so that a receipt is never lost; a daemon that dies in between
+        leaves the hold, which its successor ends without a second restore or receipt)."""
         with self.lock:
             self.restores[job.gpu, job.reason, result] += 1
+        self.receipts.append(job.receipt)
+        self.end(job.gpu, job.hold["id"])
+        with self.lock:
             if self.running.get(job.gpu) is job:
                 del self.running[job.gpu]
-        self.end(job.gpu, job.hold["id"])
         self.wake()
 
     def view(self):
@@ -2361,7 +2575,9 @@ class Holds:
                 if adopted and alive(hold["daemon"]):
                     continue
                 if hold.get("restoring"):
-                    if adopted:
+                    if adopted and self.receipts.written(hold["id"]):
+                        del holds[key]  # restored and on record: its daemon died after that
+                    elif adopted:
                         jobs.append(self.mark(holds, key, hold["restoring"]))
                     continue
                 hold["daemon"] = self.me
@@ -2912,12 +3128,17 @@ INTERNAL_ERROR = Reply(500, error_body("Internal server error; see the daemon's 
                        reason="internal error (traceback above)")
 
 
-def hold_json(hold):
-    """A hold as /gpu/holds shows it."""
+def hold_json(hold, energy_mj, energy_note):
+    """A hold as /gpu/holds shows it, given its GPU's energy counter now."""
     uid = hold.get("uid")
-    return {"uid": uid, "user": holder_name(hold),
-            "sessions": [session[0] for session in hold["sessions"]] if uid is not None else None,
-            "since_ms": hold["since_ms"], "saved": hold["saved"]}
+    energy_j, note = hold_energy(hold, energy_mj, energy_note)
+    shown = {"uid": uid, "user": holder_name(hold),
+             "sessions": [session[0] for session in hold["sessions"]] if uid is not None else None,
+             "since_ms": hold["since_ms"], "saved": hold["saved"], "energy_j": energy_j,
+             "changes": hold.get("changes", [])}
+    if note is not None:
+        shown["energy_note"] = note
+    return shown
 
 
 class Api:
@@ -2978,6 +3199,8 @@ class Api:
             "/gpu/reset_locked_clocks": Route(
                 "gpu-control", "POST", ctl, self.control("reset_locked_clocks")),
             "/gpu/release": Route("gpu-control", "POST", gpu_ids, self.release),
+            "/gpu/hold": Route("gpu-control", "POST", {"gpu_ids": REQUIRED_IDS},
+                               self.control("hold")),
             "/gpu/holds": Route("gpu-read", "GET", gpu_ids, self.holds),
             "/gpu/get_power": Route("gpu-read", "GET", gpu_ids, self.gpu_power),
             "/gpu/stream_power": Route("gpu-read", "GET", gpu_ids, self.gpu_stream),
@@ -3125,17 +3348,24 @@ class Api:
             named = "".join(" %s=%s" % (n, str(v).lower() if isinstance(v, bool) else v)
                             for n, v in zip(arg_names, values))
             who = request.caller.peer + (" user=" + claims.sub if claims is not None else "")
-            claim, holds = None, self.node.holds
+            claim, holds, block = None, self.node.holds, args.get("block", True)
+            owner = self.owner(request, claims)
+            if operation == "hold":
+                if holds is None:
+                    raise HttpError(400, "This daemon keeps no holds (--no-restore).")
+                if owner is None:
+                    raise HttpError(403, "Holding a GPU needs an owner: a Unix-socket caller or "
+                                         "a token.")
             if holds is not None:
-                owner = self.owner(request, claims)
                 message = holds.conflict(owner, ids)
                 if message is not None:
                     raise HttpError(409, message)
-                claim = holds.claim(owner)
-            jobs = self.node.control.submit(ids, operation, values,
-                                            named + " block=%s" % str(args["block"]).lower(), who,
-                                            claim)
-            if not args["block"]:
+                claim = HoldClaim(holds, owner, None if operation == "hold" else dict(
+                    [("op", operation)] + list(zip(arg_names, values))))
+            if operation != "hold":
+                named += " block=%s" % str(block).lower()
+            jobs = self.node.control.submit(ids, operation, values, named, who, claim)
+            if not block:
                 return EMPTY_OK
             outcomes = [(job.gpu, job.outcome(request.caller.gone)) for job in jobs]
             return errors_reply({gpu: error for gpu, error in outcomes if error is not None})
@@ -3165,13 +3395,18 @@ class Api:
             raise HttpError(409, err.message)
         if errors:
             return errors_reply(errors)
-        return Reply(200, json_body({str(gpu): job.receipt() for gpu, job in ended.items()}))
+        return Reply(200, json_body({str(gpu): job.receipt for gpu, job in ended.items()}))
 
     def holds(self, args, claims, request):
         ids = self.gpus_for(args.get("gpu_ids"), claims)
         held = self.node.holds.view() if self.node.holds is not None else {}
-        return Reply(200, json_body({str(gpu): hold_json(held[gpu]) for gpu in ids
-                                     if gpu in held}))
+        counted = [gpu for gpu in ids if gpu in held and held[gpu].get("energy_mj") is not None]
+        caller = request.caller
+        energy, errors = self.node.gpu_calls.call_all(self.node.gpu.energy_mj, counted,
+                                                      caller.gone, caller.abandon)
+        return Reply(200, json_body({str(gpu): hold_json(
+            held[gpu], energy.get(gpu), errors[gpu].message if gpu in errors else None)
+            for gpu in ids if gpu in held}))
 
     def out_of_range(self, ids, milliwatts):
         """{gpu: error} for the GPUs whose power limit range (read at startup) excludes
@@ -3346,10 +3581,10 @@ class Metrics:
         page.family("zeusd_gpu_power_watts", "gauge", "Instant GPU power.",
                     [((("gpu", i),), values[i] / 1000.0) for i in ids if i in values])
         with_counter = [i for i in ids if backend.gpus[i].cumulative_energy_available]
+        energy = self.reads("energy", with_counter, backend.energy_mj, caller)
         page.family("zeusd_gpu_energy_joules_total", "counter",
                     "GPU energy since the driver loaded (NVML total energy).",
-                    [((("gpu", i),), mj / 1000.0)
-                     for i, mj in self.reads("energy", with_counter, backend.energy_mj, caller)])
+                    [((("gpu", i),), mj / 1000.0) for i, mj in energy])
         page.family("zeusd_gpu_power_limit_watts", "gauge", "GPU power limit.",
                     [((("gpu", i),), mw / 1000.0)
                      for i, mw in self.reads("power limit", ids, backend.power_limit_mw, caller)])
@@ -3365,6 +3600,11 @@ class Metrics:
             page.family("zeusd_gpu_held", "gauge",
                         "Whether a client holds the GPU's settings (restored when it is gone).",
                         [((("gpu", i),), 1 if i in held else 0) for i in ids])
+            page.family("zeusd_gpu_hold_energy_joules", "gauge",
+                        "GPU energy since the GPU's open hold began (the series ends with it).",
+                        [((("gpu", i),), joules) for i, joules in (
+                            (i, hold_energy(held[i], mj)[0]) for i, mj in energy if i in held)
+                         if joules is not None])
             with holds.lock:
                 restores = sorted(holds.restores.items())
                 write_failures = holds.write_failures
@@ -3375,6 +3615,15 @@ class Metrics:
             page.family("zeusd_state_file_write_errors_total", "counter",
                         "Ends of holds that could not be written to the state file at once.",
                         [((), write_failures)])
+            with holds.receipts.lock:
+                receipts = sorted(holds.receipts.counts.items())
+                receipt_failures = holds.receipts.failures
+            page.family("zeusd_receipts_total", "counter",
+                        "Receipts of ended holds written to receipts.jsonl, by reason.",
+                        [((("reason", reason),), count) for reason, count in receipts])
+            page.family("zeusd_receipt_write_errors_total", "counter",
+                        "Receipts of ended holds that could not be written.",
+                        [((), receipt_failures)])
 
     def cpu_families(self, page):
         node = self.node
@@ -4497,6 +4746,8 @@ STATUS_MAX_BODY = 1 << 20
 STREAM_SILENCE_S = 20.0  # a stream quiet for longer than this (keep-alives come every 15 s) is lost
 RECONNECT_S = 1.0
 CLEAR_SCREEN = "\x1b[H\x1b[J"
+# what reading an answer of an unexpected shape raises: one line, never a traceback
+SHAPE_ERRORS = (TypeError, KeyError, AttributeError, ValueError, IndexError, UnicodeError)
 
 
 class StatusError(Exception):
@@ -4737,7 +4988,7 @@ def status_text(client, streams=None):
     (one line), never a traceback."""
     try:
         return status_table(client, *node_status(client, streams))
-    except (TypeError, KeyError, AttributeError, ValueError, IndexError, UnicodeError) as err:
+    except SHAPE_ERRORS as err:
         raise StatusError("the daemon at %s answered in a shape this client does not expect "
                           "(%s: %s)" % (client.where, type(err).__name__, printable(err, 100)))
 
@@ -4857,34 +5108,6 @@ def client_of_args(args):
     return DaemonClient(socket_path, args.tcp, token, args.timeout)
 
 
-def release(args):
-    """`zeusd release`: end the caller's holds (of --gpus, else all it may release); print
-    what each ended hold had saved and put back."""
-    client = client_of_args(args)
-    path = "/gpu/release" + ("?gpu_ids=" + ",".join(map(str, args.gpus)) if args.gpus else "")
-    try:
-        receipts = client.get(path, time.monotonic() + client.timeout, "POST")
-        lines = [receipt_line(key, receipt) for key, receipt in sorted(
-            receipts.items(), key=lambda item: int(item[0]) if DIGITS.fullmatch(item[0]) else -1)]
-    except (TypeError, KeyError, AttributeError, ValueError, IndexError, UnicodeError) as err:
-        raise StatusError("the daemon at %s answered in a shape this client does not expect "
-                          "(%s: %s)" % (client.where, type(err).__name__, printable(err, 100)))
-    emit("\n".join(lines) + "\n" if lines else "nothing to release: no GPU%s held by you\n"
-         % (" of " + ",".join(map(str, args.gpus)) if args.gpus else ""))
-    return 0
-
-
-def receipt_line(key, receipt):
-    """One ended hold, as `zeusd release` prints it."""
-    saved = receipt.get("saved") or {}
-    persistence = saved.get("persistence_mode")
-    return "GPU %s: %s power_limit_mw=%s persistence=%s clocks=reset (held by %s since %s)" % (
-        printable(key, 10), "restored" if receipt.get("restore") == "ok" else printable(
-            receipt.get("restore"), 200), printable(saved.get("power_limit_mw"), 12),
-        "-" if persistence is None else int(bool(persistence)), printable(holder(receipt), 60),
-        iso_time(receipt["since_ms"]) if type(receipt.get("since_ms")) is int else "?")
-
-
 def status(args):
     """Print the node's table once, or redraw it every --watch seconds from the streams."""
     client = client_of_args(args)
@@ -4910,6 +5133,120 @@ def status(args):
             time.sleep(args.watch)
     except KeyboardInterrupt:
         return 0
+
+
+# ---- Release and receipts: `zeusd release` and `zeusd receipts`, what ended holds used ----
+
+SINCE_FORMS = ("%Y-%m-%dT%H:%M:%SZ", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%MZ", "%Y-%m-%dT%H:%M",
+               "%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M", "%Y-%m-%d")
+
+
+def release(args):
+    """`zeusd release`: end the caller's holds (of --gpus, else all it may release); print
+    what each ended hold had saved and put back, and its energy."""
+    client = client_of_args(args)
+    path = "/gpu/release" + ("?gpu_ids=" + ",".join(map(str, args.gpus)) if args.gpus else "")
+    try:
+        receipts = client.get(path, time.monotonic() + client.timeout, "POST")
+        lines = [receipt_row(receipt) for _, receipt in sorted(
+            receipts.items(), key=lambda item: int(item[0]) if DIGITS.fullmatch(item[0]) else -1)]
+    except SHAPE_ERRORS as err:
+        raise StatusError("the daemon at %s answered in a shape this client does not expect "
+                          "(%s: %s)" % (client.where, type(err).__name__, printable(err, 100)))
+    emit("\n".join(lines) + "\n" if lines else "nothing to release: no GPU%s held by you\n"
+         % (" of " + ",".join(map(str, args.gpus)) if args.gpus else ""))
+    return 0
+
+
+def receipt_row(receipt):
+    """One ended hold on one line: the GPU, what was put back, who held it, when, its
+    energy."""
+    saved = receipt.get("saved") or {}
+    persistence = saved.get("persistence_mode")
+    times = [iso_time(receipt[key]) if type(receipt.get(key)) is int else "?"
+             for key in ("since_ms", "until_ms")]
+    energy = receipt.get("energy_j")
+    return "GPU %s: %s power_limit_mw=%s persistence=%s clocks=reset (%s); held by %s%s from %s " \
+           "to %s: %s" % (
+               printable(receipt.get("gpu"), 10),
+               "restored" if receipt.get("restore") == "ok" else printable(receipt.get("restore"),
+                                                                           200),
+               printable(saved.get("power_limit_mw"), 12),
+               "-" if persistence is None else int(bool(persistence)),
+               printable(receipt.get("reason"), 20), printable(holder(receipt), 60),
+               ", job %s" % printable(receipt["job"], 20) if receipt.get("job") else "",
+               times[0], times[1], "%.3f J" % energy if type(energy) in (int, float) else
+               "energy unknown (%s)" % printable(receipt.get("energy_note"), 100))
+
+
+def since_arg(text):
+    """--since as ms since the epoch: a UTC date or time (2026-12-01, 2026-12-01T21:04:05Z),
+    or a duration ago (2h, 7d); never in the future."""
+    for form in SINCE_FORMS:
+        try:
+            seconds = calendar.timegm(time.strptime(text.strip(), form))
+            break
+        except ValueError:
+            continue
+    else:
+        try:
+            seconds = time.time() - (parse_duration(text) or float("nan"))
+        except ValueError:
+            seconds = float("nan")
+        if seconds != seconds:
+            raise argparse.ArgumentTypeError(
+                "invalid value '%s': expected a UTC date or time such as 2026-12-01 or "
+                "2026-12-01T21:04:05Z, or a time ago such as 2h or 7d" % printable(text, 40))
+    if seconds > time.time():
+        raise argparse.ArgumentTypeError("'%s' is in the future" % printable(text, 40))
+    return int(seconds * 1000)
+
+
+def receipts(args):
+    """`zeusd receipts`: the receipts on file that match, one line each and a total per GPU;
+    or JSON lines; or one summary line for a job record. Read as they come, never whole."""
+    totals = {}  # gpu -> [joules, holds]
+    if not os.path.isdir(args.state_dir):
+        raise StatusError("%s is not a directory: give the daemon's --state-dir"
+                          % printable(args.state_dir))
+    try:
+        for line in receipt_lines(args.state_dir):
+            try:
+                receipt = json.loads(line.decode("utf-8"))
+            except (ValueError, UnicodeDecodeError, RecursionError):
+                continue
+            if not isinstance(receipt, dict) or not receipt_matches(receipt, args):
+                continue
+            if args.json:
+                emit(json.dumps(receipt) + "\n")
+            elif not args.summary:
+                emit(receipt_row(receipt) + "\n")
+            energy = receipt.get("energy_j")
+            total = totals.setdefault(printable(receipt.get("gpu"), 10), [0.0, 0, 0])
+            known = type(energy) in (int, float)
+            total[0] += energy if known else 0.0
+            total[1] += 1
+            total[2] += known
+    except OSError as err:
+        raise StatusError("cannot read the receipts in %s: %s"
+                          % (args.state_dir, err.strerror or err))
+    ordered = sorted(totals.items(), key=lambda item: (len(item[0]), item[0]))
+    if args.summary:
+        emit("gpu_energy_j=%s\n" % ",".join("%s:%.1f" % (gpu, total[0])
+                                           for gpu, total in ordered if total[2]))
+    elif not args.json:
+        emit("".join("total GPU %s: %.3f J in %d hold%s%s\n" % (
+            gpu, total[0], total[1], "" if total[1] == 1 else "s",
+            "" if total[2] == total[1] else " (%d without an energy reading)"
+            % (total[1] - total[2])) for gpu, total in ordered) or "no receipts match\n")
+    return 0
+
+
+def receipt_matches(receipt, args):
+    return ((args.job is None or str(receipt.get("job")) == args.job)
+            and (args.user is None or args.user in (receipt.get("user"), str(receipt.get("uid"))))
+            and (args.since is None or type(receipt.get("until_ms")) is int
+                 and receipt["until_ms"] >= args.since))
 
 
 # ---- Command line: the argument parser and its flag types ----
@@ -5108,8 +5445,26 @@ def build_parser():
     release_parser.add_argument("--gpus", type=gpu_list_arg, metavar="IDS",
                                 help="GPU indices to release, comma-separated [default: every "
                                      "GPU you hold]")
+    receipts_parser = commands.add_parser(
+        "receipts", help="Print the receipts of ended holds: who held which GPU, and its energy",
+        description="Print the receipts of ended GPU holds from the state directory (no daemon "
+                    "needed; root or the daemon's user): one line each and a total per GPU",
+        formatter_class=fmt)
+    receipts_parser.add_argument("--job", metavar="ID", help="Only the holds of this Slurm job")
+    receipts_parser.add_argument("--user", metavar="NAME",
+                                 help="Only the holds of this user (a name or a uid)")
+    receipts_parser.add_argument("--since", type=since_arg, metavar="TIME",
+                                 help="Only holds that ended since TIME: a UTC date or time "
+                                      "(2026-12-01,\n2026-12-01T21:04:05Z) or a time ago (2h, 7d)")
+    receipts_parser.add_argument("--state-dir", default=DEFAULT_STATE_DIR, metavar="PATH",
+                                 help="The daemon's --state-dir [default: %s]" % DEFAULT_STATE_DIR)
+    shape = receipts_parser.add_mutually_exclusive_group()
+    shape.add_argument("--json", action="store_true", help="The receipts as JSON lines")
+    shape.add_argument("--summary", action="store_true",
+                       help="One line, gpu_energy_j=GPU:J,...: the energy per GPU, for a job "
+                            "record")
     parser.subcommands = {"serve": serve, "token": issue, "status": status_parser,
-                          "release": release_parser}
+                          "release": release_parser, "receipts": receipts_parser}
     return parser
 
 
@@ -5257,9 +5612,10 @@ def main(argv=None):
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         parser.subcommands[args.command].error("unrecognized arguments: " + " ".join(unknown))
-    if args.command in ("status", "release"):
+    if args.command in ("status", "release", "receipts"):
         try:
-            return status(args) if args.command == "status" else release(args)
+            return {"status": status, "release": release, "receipts": receipts}[args.command](
+                args)
         except StatusError as err:
             sys.stderr.write("zeusd %s: %s\n" % (args.command, err))
             return 1
