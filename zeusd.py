@@ -58,6 +58,7 @@ import base64
 import binascii
 import calendar
 import collections
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -634,6 +635,10 @@ class GpuBackend:
     def persistence_mode(self, index):
         raise NotImplementedError
 
+    def process_ids(self, index):
+        """The pids of the processes running on the GPU (compute and graphics)."""
+        raise DeviceError("not-supported", "GPU %d's processes cannot be listed" % index)
+
     def set_power_limit(self, index, milliwatts):
         raise NotImplementedError
 
@@ -798,6 +803,16 @@ class NvmlBackend(GpuBackend):
     def persistence_mode(self, index):
         return self._read(self.nvml.nvmlDeviceGetPersistenceMode, index) == 1
 
+    def process_ids(self, index):
+        pids = set()
+        for name in ("nvmlDeviceGetComputeRunningProcesses",
+                     "nvmlDeviceGetGraphicsRunningProcesses"):
+            function = getattr(self.nvml, name, None)
+            if function is None:
+                raise DeviceError("not-supported", "this pynvml has no %s" % name)
+            pids.update(process.pid for process in self._read(function, index))
+        return sorted(pids)
+
     def set_power_limit(self, index, milliwatts):
         self._call(self.nvml.nvmlDeviceSetPowerManagementLimit, index, milliwatts)
 
@@ -873,24 +888,29 @@ TOML_MAX_DEPTH = 32
 
 
 class TomlReader:
-    """Reads, as tomllib does, the TOML an override file uses: [table] headers, bare keys,
-    basic and literal strings, integers, booleans, arrays (over several lines too) and
-    comments. Anything else is a ValueError naming the line."""
+    """Reads, as tomllib does, the TOML an override or policy file uses: [table] and dotted
+    [table.name] headers, bare keys, basic and literal strings, integers, booleans, arrays
+    (over several lines too) and comments. Anything else is a ValueError naming the line.
+    `lines` maps each table's dotted name, and each "table.key", to its line."""
 
     def __init__(self, text):
         self.text = text.replace("\r\n", "\n")
         self.pos = 0
         self.depth = 0
+        self.lines = {}
+
+    def line(self):
+        return self.text.count("\n", 0, self.pos) + 1
 
     def fail(self, message):
-        raise ValueError("line %d: %s" % (self.text.count("\n", 0, self.pos) + 1, message))
+        raise ValueError("line %d: %s" % (self.line(), message))
 
     def peek(self, count=1):
         return self.text[self.pos:self.pos + count]
 
     def document(self):
-        """{table name: {key: value}}."""
-        tables, current = {}, None
+        """{table name: {key: value}}, a dotted header's tables nested as tomllib nests them."""
+        tables, current, defined = {}, None, set()
         while True:
             self.skip(newlines=True)
             if self.pos >= len(self.text):
@@ -898,12 +918,22 @@ class TomlReader:
             if self.peek() == "[":
                 self.pos += 1
                 self.skip()
-                name = self.key()
+                names = [self.key()]
+                while self.peek() == ".":
+                    self.pos += 1
+                    names.append(self.key())
                 self.skip()
                 self.expect("]")
-                if name in tables:
-                    self.fail("table [%s] is defined twice" % name)
-                current = tables[name] = {}
+                dotted = ".".join(names)
+                if dotted in defined:
+                    self.fail("table [%s] is defined twice" % dotted)
+                defined.add(dotted)
+                self.lines[dotted] = self.line()
+                current = tables
+                for name in names:
+                    current = current.setdefault(name, {})
+                    if not isinstance(current, dict):
+                        self.fail("[%s] names a key, not a table" % dotted)
             else:
                 if current is None:
                     self.fail("a key outside any [table]")
@@ -911,6 +941,7 @@ class TomlReader:
                 self.skip()
                 self.expect("=")
                 self.skip()
+                self.lines["%s.%s" % (dotted, name)] = self.line()
                 value = self.value()
                 if name in current:
                     self.fail("key '%s' is given twice" % name)
@@ -1183,27 +1214,33 @@ def pattern_matches(pattern, text):
     return {0: True, 1: False}.get(process.returncode)
 
 
-def load_overrides(path):
-    """{operation: CommandOverride} from a trusted override file; StartupError otherwise."""
+def read_trusted_toml(path, flag, refusal):
+    """A TomlReader of a file the daemon trusts as the admin's: a regular
+    file of at most 64 KiB owned by root or the daemon's user and not writable by everyone
+    (by its group: a warning); StartupError naming flag and path, with refusal, otherwise."""
     try:
         data, info = read_small_file(path)
         text = data.decode("utf-8")
     except (OSError, UnicodeDecodeError) as err:
-        raise StartupError("cannot read --gpu-command-overrides %s: %s"
-                           % (path, getattr(err, "strerror", None) or err))
+        raise StartupError("cannot read %s %s: %s" % (flag, path,
+                                                     getattr(err, "strerror", None) or err))
     if info.st_uid not in (0, os.geteuid()):
-        raise StartupError("--gpu-command-overrides %s is owned by uid %d, neither root nor the "
-                           "daemon's user: refusing to run the commands it names"
-                           % (path, info.st_uid))
+        raise StartupError("%s %s is owned by uid %d, neither root nor the daemon's user: "
+                           "refusing %s" % (flag, path, info.st_uid, refusal))
     if info.st_mode & 0o002:
-        raise StartupError("--gpu-command-overrides %s is writable by everyone (mode %03o): "
-                           "refusing to run the commands it names; run: chmod o-w %s"
-                           % (path, info.st_mode & 0o777, path))
+        raise StartupError("%s %s is writable by everyone (mode %03o): refusing %s; run: "
+                           "chmod o-w %s" % (flag, path, info.st_mode & 0o777, refusal, path))
     if info.st_mode & 0o020:
-        log.warning("--gpu-command-overrides %s is writable by its group (mode %03o); the "
-                    "daemon runs what it says", path, info.st_mode & 0o777)
+        log.warning("%s %s is writable by its group (mode %03o); the daemon trusts what it "
+                    "says", flag, path, info.st_mode & 0o777)
+    return TomlReader(text)
+
+
+def load_overrides(path):
+    """{operation: CommandOverride} from a trusted override file; StartupError otherwise."""
+    reader = read_trusted_toml(path, "--gpu-command-overrides", "to run the commands it names")
     try:
-        tables = parse_toml(text)
+        tables = reader.document()
     except ValueError as err:
         raise StartupError("--gpu-command-overrides %s: %s" % (path, err))
     return {operation: parse_override(path, operation, table)
@@ -1278,6 +1315,9 @@ class OverriddenBackend(GpuBackend):
     def persistence_mode(self, index):
         return self.inner.persistence_mode(index)
 
+    def process_ids(self, index):
+        return self.inner.process_ids(index)
+
     def apply(self, operation, index, args, **placeholders):
         """Run the operation's override with its placeholders, or the inner backend's call."""
         override = self.overrides.get(operation)
@@ -1312,6 +1352,193 @@ class OverriddenBackend(GpuBackend):
             self.apply("reset_locked_clocks", index, ())
         else:
             GpuBackend.reset_locked_clocks(self, index)
+
+
+# ---- Access policy: the policy file, and what each of its tables lets a caller change ----
+
+POLICY_SETTINGS = collections.OrderedDict([
+    ("power_limit_w", "power limits"), ("gpu_locked_clocks_mhz", "locked GPU clocks"),
+    ("mem_locked_clocks_mhz", "locked memory clocks"), ("persistence_mode", "persistence mode")])
+POLICY_RANGES = ("power_limit_w", "gpu_locked_clocks_mhz", "mem_locked_clocks_mhz")
+IN_USE_CHOICES = ("refuse", "allow")
+# operation -> (the policy keys it needs, the request's arguments checked against their range)
+OPERATION_RULES = {
+    "set_power_limit": (("power_limit_w",), ("power_limit_mw",)),
+    "set_gpu_locked_clocks": (("gpu_locked_clocks_mhz",), ("min_clock_mhz", "max_clock_mhz")),
+    "set_mem_locked_clocks": (("mem_locked_clocks_mhz",), ("min_clock_mhz", "max_clock_mhz")),
+    "set_persistence_mode": (("persistence_mode",), ()),
+    "reset_gpu_locked_clocks": (("gpu_locked_clocks_mhz",), ()),
+    "reset_mem_locked_clocks": (("mem_locked_clocks_mhz",), ()),
+    "reset_locked_clocks": (("gpu_locked_clocks_mhz", "mem_locked_clocks_mhz"), ()),
+    "hold": ((), ()),
+}
+
+
+class Grant:
+    """What one table, or a caller's group tables combined, allows: a GPU if any table allows
+    it; a setting on a GPU if any table that allows the GPU allows it; a range the widest
+    among those (True: the GPU's own range)."""
+
+    def __init__(self, name, tables):
+        self.name = name
+        self.tables = tables  # each {"gpus": None (all) or frozenset, setting: value}
+
+    def allows(self, gpu):
+        return any(table["gpus"] is None or gpu in table["gpus"] for table in self.tables)
+
+    def setting(self, gpu, key):
+        """False (may not), True (any value the GPU takes), or the (low, high) range."""
+        values = [table[key] for table in self.tables
+                  if (table["gpus"] is None or gpu in table["gpus"]) and table[key] is not False]
+        if not values:
+            return False
+        if True in values:
+            return True
+        return min(low for low, _ in values), max(high for _, high in values)
+
+    def gpus_text(self):
+        if any(table["gpus"] is None for table in self.tables):
+            return "every GPU"
+        gpus = sorted(set().union(*[table["gpus"] for table in self.tables]))
+        return "GPUs %s" % ", ".join(map(str, gpus)) if gpus else "no GPU"
+
+
+class Policy:
+    """The admin's --policy file, parsed and checked: the node's table, [default], and the
+    group. and user. tables by name."""
+
+    def __init__(self, path, budget_w, in_use, default, groups, users):
+        self.path = path
+        self.budget_w = budget_w
+        self.refuse_in_use = in_use == "refuse"
+        self.default = default
+        self.groups = groups
+        self.users = users
+
+    def grant(self, user, groups, token):
+        """The Grant of a caller: its user table, else (not for tokens) its groups' tables
+        combined, else [default], else None (it may change nothing)."""
+        if user is not None and user in self.users:
+            return Grant("user." + user, [self.users[user]])
+        named = [] if token else [name for name in groups if name in self.groups]
+        if named:
+            return Grant(", ".join("group." + name for name in named),
+                         [self.groups[name] for name in named])
+        if self.default is not None:
+            return Grant("default", [self.default])
+        return None
+
+
+def policy_refusal(grant, who, operation, ids, arguments, gpu_ids):
+    """Why the Grant (None: no table) does not let who make the change on the GPUs ids, as
+    the 403 says it, or None if it does."""
+    if grant is None:
+        return ("%s may not change GPU settings (policy: no table names it, and there is no "
+                "[default])." % who)
+    for gpu in ids:
+        if not grant.allows(gpu):
+            return "%s may not change GPU %d (policy: %s allows %s)." % (
+                who, gpu, grant.name, grant.gpus_text())
+    keys, checked = OPERATION_RULES[operation]
+    for gpu in ids:
+        for key in keys:
+            allowed, what = grant.setting(gpu, key), POLICY_SETTINGS[key]
+            if allowed is False:
+                elsewhere = any(grant.setting(other, key) is not False for other in gpu_ids)
+                return "%s may not set %s%s (policy: %s)." % (
+                    who, what, " on GPU %d" % gpu if elsewhere else "", grant.name)
+            if allowed is True or not checked:
+                continue
+            scale, unit = (1000, "W") if key == "power_limit_w" else (1, "MHz")
+            asked = [arguments[name] for name in checked]
+            if not all(allowed[0] * scale <= value <= allowed[1] * scale for value in asked):
+                return "%s may set %s of %d to %d %s on GPU %d (policy: %s); asked %s %s." % (
+                    who, what, allowed[0], allowed[1], unit, gpu, grant.name,
+                    " to ".join("%g" % (value / float(scale)) for value in asked), unit)
+    return None
+
+
+def load_policy(path, gpu_count=None):
+    """The Policy of a trusted policy file; StartupError naming the file, line and key."""
+    reader = read_trusted_toml(path, "--policy", "a policy others could change")
+    try:
+        return parse_policy(path, reader.document(), reader.lines, gpu_count)
+    except ValueError as err:
+        raise StartupError("--policy %s: %s" % (path, err))
+
+
+def parse_policy(path, document, lines, gpu_count):
+    """A Policy from a parsed document; ValueError("line N: [table] key: problem")."""
+    def fail(table, key, problem):
+        line = lines.get("%s.%s" % (table, key)) or lines.get(table) or 0
+        raise ValueError("line %d: [%s] %s%s" % (line, table, key + ": " if key else "",
+                                                  problem))
+
+    def table_of(name, values):
+        table = {"gpus": frozenset(), "persistence_mode": False}
+        table.update((key, False) for key in POLICY_RANGES)
+        for key, value in values.items():
+            if key == "gpus":
+                table["gpus"] = gpus_of(name, value)
+            elif key in POLICY_RANGES:
+                table[key] = range_of(name, key, value)
+            elif key == "persistence_mode":
+                if not isinstance(value, bool):
+                    fail(name, key, "expected true or false")
+                table[key] = value
+            else:
+                fail(name, key, "unknown key (expected gpus, %s)" % ", ".join(POLICY_SETTINGS))
+        return table
+
+    def gpus_of(name, value):
+        if value == "all":
+            return None
+        if not isinstance(value, list) or not all(type(i) is int and i >= 0 for i in value):
+            fail(name, "gpus", 'expected "all" or a list of GPU indices such as [0, 1]')
+        missing = [i for i in value if gpu_count is not None and i >= gpu_count]
+        if missing:
+            fail(name, "gpus", "GPU %d does not exist (this node has %d)" % (missing[0],
+                                                                            gpu_count))
+        return frozenset(value)
+
+    def range_of(name, key, value):
+        if isinstance(value, bool):
+            return value
+        if not isinstance(value, list) or len(value) != 2 or not all(
+                type(v) is int and 0 <= v <= U32_MAX for v in value):
+            fail(name, key, "expected an inclusive range [low, high] of whole numbers, true (the "
+                            "GPU's own range) or false (never)")
+        if value[0] > value[1]:
+            fail(name, key, "the range is backwards: %d is above %d" % tuple(value))
+        return tuple(value)
+
+    budget_w, in_use, default, groups, users = None, "refuse", None, {}, {}
+    for name, values in document.items():
+        if name == "node":
+            for key, value in values.items():
+                if key == "gpu_power_budget_w":
+                    if type(value) is not int or value <= 0:
+                        fail(name, key, "expected a positive whole number of watts")
+                    budget_w = value
+                elif key == "in_use_by_others":
+                    if value not in IN_USE_CHOICES:
+                        fail(name, key, 'expected "refuse" or "allow"')
+                    in_use = value
+                else:
+                    fail(name, key, "unknown key (expected gpu_power_budget_w, "
+                                    "in_use_by_others)")
+        elif name == "default":
+            default = table_of(name, values)
+        elif name in ("group", "user"):
+            for member, member_values in values.items():
+                if not isinstance(member_values, dict):
+                    fail(name, member, "expected a table [%s.NAME]" % name)
+                (groups if name == "group" else users)[member] = table_of(
+                    "%s.%s" % (name, member), member_values)
+        else:
+            fail(name, "", "unknown table (expected [node], [default], [group.NAME] or "
+                           "[user.NAME])")
+    return Policy(path, budget_w, in_use, default, groups, users)
 
 
 # ---- Devices, CPUs: RAPL zones, counters with wraparound, the wraparound guard ----
@@ -3037,6 +3264,7 @@ def errors_reply(errors):
 
 
 EMPTY_OK = Reply(200)
+NO_STEP = contextlib.suppress()  # a with-block that does nothing
 
 
 # ---- HTTP, query parameters: strict parsing of booleans, integers and id lists ----
@@ -3113,6 +3341,328 @@ def select_ids(requested, available, kind, list_unknown=False):
     raise bad_request("%s index %d does not exist." % (kind, unknown[0]))
 
 
+# ---- Access: who asks (the principal), and whether it may make the change it asks for ----
+
+USERS_CACHE_S = 60.0  # how long a uid's passwd name and groups are kept
+USERS_CACHE_SIZE = 4096
+BUDGET_LOCK = "budget.lock"
+
+
+class Refused(HttpError):
+    """A change refused by access: counted by reason (policy, in-use, budget, held), and its
+    audit line says why (note)."""
+
+    def __init__(self, reason, status, message, note):
+        super().__init__(status, message)
+        self.reason = reason
+        self.note = note
+
+
+class UserDirectory:
+    """The passwd name and group names of uids (primary and supplementary, from the user and
+    group databases): looked up once per uid and kept for a minute, never per request."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.entries = {}  # uid -> (valid until, name or None, group names)
+
+    def lookup(self, uid, gid=None):
+        now = time.monotonic()
+        with self.lock:
+            entry = self.entries.get(uid)
+        if entry is not None and entry[0] > now:
+            return entry[1], entry[2]
+        try:
+            account = pwd.getpwuid(uid)
+            name, gids = account.pw_name, os.getgrouplist(account.pw_name, account.pw_gid)
+        except KeyError:
+            name, gids = None, [] if gid is None else [gid]
+        groups = set()
+        for group_id in gids:
+            try:
+                groups.add(grp.getgrgid(group_id).gr_name)
+            except KeyError:
+                pass
+        entry = (now + USERS_CACHE_S, name, tuple(sorted(groups)))
+        with self.lock:
+            if len(self.entries) >= USERS_CACHE_SIZE:
+                self.entries.clear()
+            self.entries[uid] = entry
+        return entry[1], entry[2]
+
+
+class Principal:
+    """The caller of a request that changes something, as data: its uid, gid and pid over
+    UDS (SO_PEERCRED) and its token's claims; exempt from the policy's tables if it is uid 0
+    over UDS or holds an admin token. Its name and groups are looked up when first asked."""
+
+    __slots__ = ("caller", "claims", "directory", "found")
+
+    def __init__(self, caller, claims, directory):
+        self.caller = caller
+        self.claims = claims
+        self.directory = directory
+        self.found = None
+
+    @property
+    def uid(self):
+        return self.caller.uid
+
+    @property
+    def exempt(self):
+        return self.caller.uid == 0 or self.claims is not None and self.claims.admin
+
+    def identity(self):
+        """(the user a policy table may name, the caller's group names): the passwd name of a
+        UDS caller's uid and its groups; a token's sub over TCP, without groups."""
+        if self.found is None:
+            if self.caller.uid is not None:
+                self.found = self.directory.lookup(self.caller.uid, self.caller.gid)
+            else:
+                self.found = (self.claims.sub if self.claims is not None else None, ())
+        return self.found
+
+    def describe(self):
+        if self.caller.uid is not None:
+            name = self.identity()[0]
+            return "uid %d%s" % (self.caller.uid, " (%s)" % name if name else "")
+        if self.claims is not None:
+            return "user '%s'" % self.claims.sub
+        return "an unauthenticated TCP caller"
+
+
+def process_uid(pid):
+    """The real uid of a process, from /proc/<pid>/status; None where the daemon cannot see
+    it."""
+    try:
+        with open("/proc/%d/status" % pid, "rb") as status:
+            for line in status:
+                if line.startswith(b"Uid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def uid_text(uid):
+    if uid is None:
+        return "a process the daemon cannot see"
+    try:
+        return "uid %d (%s)" % (uid, pwd.getpwuid(uid).pw_name)
+    except KeyError:
+        return "uid %d" % uid
+
+
+class Access:
+    """Every "may this caller make this change": the policy's tables (403), then, after the
+    holds (409, held), whether other users' processes run on the GPUs (409, in-use) and the
+    node's power budget (409, budget). The policy is swapped whole on SIGHUP, so that each
+    request sees one policy. A request that changes nothing never comes here."""
+
+    def __init__(self, node, policy_path=None, state_dir=None):
+        self.node = node
+        self.policy_path = policy_path
+        self.policy = load_policy(policy_path, len(node.gpu_ids)) if policy_path else None
+        self.budget_path = state_dir and os.path.join(state_dir, BUDGET_LOCK)
+        self.directory = UserDirectory()
+        self.lock = threading.Lock()
+        self.budget_lock = threading.Lock()
+        self.refusals = collections.Counter()  # reason -> refused requests
+        self.unlisted = set()  # GPUs whose process list could not be read, logged once
+        if self.policy is not None:
+            log_policy(self.policy)
+
+    def reload(self):
+        """SIGHUP: re-read the policy; a bad file keeps the one in force (an ERROR line)."""
+        if self.policy_path is None:
+            return
+        try:
+            policy = load_policy(self.policy_path, len(self.node.gpu_ids))
+        except StartupError as err:
+            log.error("SIGHUP: keeping the current policy: %s", err)
+            return
+        self.policy = policy
+        log.info("SIGHUP: reloaded the policy from %s", self.policy_path)
+        log_policy(policy)
+
+    def counted(self, refusal):
+        with self.lock:
+            self.refusals[refusal.reason] += 1
+        return refusal
+
+    def grant(self, principal, policy):
+        """(the caller's Grant or None, whether the policy's tables apply to it at all)."""
+        if policy is None or principal.exempt:
+            return None, False
+        user, groups = principal.identity()
+        if principal.uid is None and user is not None and not TOML_BARE_KEY.fullmatch(user):
+            user = None  # a token's sub that no table could name
+        return policy.grant(user, groups, principal.uid is None), True
+
+    def check_policy(self, principal, operation, ids, arguments):
+        """Refused(403) unless the policy lets the caller make this change on every GPU."""
+        policy = self.policy
+        grant, applies = self.grant(principal, policy)
+        if not applies:
+            return
+        message = policy_refusal(grant, principal.describe(), operation, ids, arguments,
+                                 self.node.gpu_ids)
+        if message is not None:
+            raise self.counted(Refused("policy", 403, message, "policy " + (
+                grant.name if grant is not None else "(no table)")))
+
+    def users_on(self, gpu, caller):
+        """The uids other than the caller's with processes on the GPU (None: one the daemon
+        cannot see); () where the GPU's processes cannot be listed (logged once)."""
+        calls = self.node.gpu_calls
+        results, errors = calls.call_all(self.node.gpu.process_ids, [gpu], caller.gone,
+                                         caller.abandon)
+        if gpu in errors:
+            if gpu not in self.unlisted:
+                self.unlisted.add(gpu)
+                log.warning("cannot list the processes on GPU %d: %s; changes of it are not "
+                            "refused for other users' processes", gpu, errors[gpu].message)
+            return ()
+        owners = {pid: process_uid(pid) for pid in results[gpu]}
+        if None in owners.values():  # a pid that ended between NVML and /proc is not in use
+            listed, _ = calls.call_all(self.node.gpu.process_ids, [gpu], caller.gone,
+                                       caller.abandon)
+            owners = {pid: uid for pid, uid in owners.items()
+                      if uid is not None or pid in listed.get(gpu, ())}
+        return sorted(set(uid for uid in owners.values() if uid != caller.uid),
+                      key=lambda uid: -1 if uid is None else uid)
+
+    def check_in_use(self, principal, ids):
+        """Refused(409) if processes of another uid run on one of the GPUs: for UDS callers
+        other than uid 0, unless the policy says in_use_by_others = "allow"."""
+        policy = self.policy
+        if principal.uid in (None, 0) or policy is not None and not policy.refuse_in_use:
+            return
+        for gpu in ids:
+            others = self.users_on(gpu, principal.caller)
+            if others:
+                raise self.counted(Refused(
+                    "in-use", 409, "GPU %d is in use by processes of %s: only they or root may "
+                    "change its settings." % (gpu, ", ".join(uid_text(uid) for uid in others)),
+                    "in use by %s" % ", ".join("?" if uid is None else str(uid)
+                                               for uid in others)))
+
+    def budget_step(self):
+        """The lock that makes a budget check and its change one step for the node: this
+        daemon's, and an flock in the state directory for the node's other daemons."""
+        return BudgetStep(self.budget_lock, self.budget_path)
+
+    def check_budget(self, ids, milliwatts, caller):
+        """Refused(409) if setting ids to milliwatts raises the sum of the node's GPU power
+        limits above the budget (call within budget_step())."""
+        policy = self.policy
+        if policy is None or policy.budget_w is None:
+            return
+        limits = self.power_limits(caller)
+        before = sum(limits.values())
+        after = before - sum(limits[gpu] for gpu in ids) + milliwatts * len(ids)
+        if after > before and after > policy.budget_w * 1000:
+            raise self.counted(Refused(
+                "budget", 409, "The node's GPU power budget is %d W: with GPU%s %s at %g W its "
+                "GPUs' power limits would total %g W, %g W over." % (
+                    policy.budget_w, "s" if len(ids) > 1 else "", ", ".join(map(str, ids)),
+                    milliwatts / 1000.0, after / 1000.0, after / 1000.0 - policy.budget_w),
+                "budget %d W" % policy.budget_w))
+
+    def power_limits(self, caller):
+        """{gpu: power limit mW} of every GPU of the node; 503 if one cannot be read."""
+        results, errors = self.node.gpu_calls.call_all(self.node.gpu.power_limit_mw,
+                                                       self.node.gpu_ids, caller.gone,
+                                                       caller.abandon)
+        for gpu, err in sorted(errors.items()):
+            raise HttpError(503, "cannot read GPU %d's power limit, which the node's power "
+                                 "budget needs: %s" % (gpu, err.message))
+        return results
+
+    def constraints(self, principal, gpu, limits):
+        """A GPU's power limit range (min, max mW) as the caller may set it: intersected with
+        its policy range where one applies and they overlap."""
+        grant, applies = self.grant(principal, self.policy)
+        allowed = grant.setting(gpu, "power_limit_w") if grant is not None and \
+            grant.allows(gpu) else True
+        if not applies or allowed in (True, False):
+            return limits
+        low, high = max(limits[0], allowed[0] * 1000), min(limits[1], allowed[1] * 1000)
+        return (low, high) if low <= high else limits
+
+    def view(self, principal, ids):
+        """What the caller may change, as GET /gpu/policy shows it."""
+        policy = self.policy
+        grant, applies = self.grant(principal, policy)
+        user, groups = principal.identity()
+        gpus = {}
+        for gpu in ids:
+            limits = self.node.gpu.gpus[gpu].power_limit_range
+            entry = {}
+            for key in POLICY_SETTINGS:
+                allowed = True if not applies else False if grant is None or not \
+                    grant.allows(gpu) else grant.setting(gpu, key)
+                if key == "persistence_mode":
+                    entry[key] = allowed
+                    continue
+                name = "power_limit_mw" if key == "power_limit_w" else key
+                if key == "power_limit_w" and allowed is not False and limits is not None:
+                    allowed = list(self.constraints(principal, gpu, limits))
+                entry[name] = None if allowed is False else list(allowed) \
+                    if isinstance(allowed, tuple) else allowed
+            entry["in_use_by"] = list(self.users_on(gpu, principal.caller))
+            gpus[str(gpu)] = entry
+        budget = None
+        if policy is not None and policy.budget_w is not None:
+            budget = {"gpu_power_budget_w": policy.budget_w, "power_limits_total_w": sum(
+                self.power_limits(principal.caller).values()) / 1000.0}
+        return {"caller": {"uid": principal.uid, "user": user, "groups": list(groups)},
+                "table": (grant.name if grant is not None else None) if applies else
+                ("exempt" if policy is not None else None), "gpus": gpus, "budget": budget}
+
+
+class BudgetStep:
+    """with: a budget check and the change it allows, one at a time on the node."""
+
+    def __init__(self, lock, path):
+        self.lock = lock
+        self.path = path
+        self.fd = None
+
+    def __enter__(self):
+        self.lock.acquire()
+        if self.path is not None:
+            try:
+                self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                  0o600)
+                fcntl.flock(self.fd, fcntl.LOCK_EX)
+            except OSError as err:
+                log.error("cannot lock %s for the node's power budget: %s; checking within "
+                          "this daemon only", self.path, err.strerror or err)
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        self.lock.release()
+
+
+def log_policy(policy):
+    """One INFO line for the policy, and one for each group table no group has."""
+    log.info("policy %s: %d user and %d group table(s)%s%s%s", policy.path, len(policy.users),
+             len(policy.groups), ", a [default]" if policy.default is not None else
+             ", no [default] (callers no table names may change nothing)",
+             ", a node budget of %d W" % policy.budget_w if policy.budget_w else "",
+             "" if policy.refuse_in_use else ", GPUs in use by others may be changed")
+    for name in sorted(policy.groups):
+        try:
+            grp.getgrnam(name)
+        except KeyError:
+            log.info("policy %s: [group.%s] names a group this node does not have", policy.path,
+                     name)
+
+
 # ---- HTTP, API: routes and their handlers, behind group gating, auth and method checks ----
 
 Request = collections.namedtuple("Request", "method path query version headers caller")
@@ -3145,10 +3695,11 @@ class Api:
     """Answers a parsed request: group gate, auth, route with its scope and method, parameters,
     handler, in that order; every failure becomes an error Reply."""
 
-    def __init__(self, node, groups, authenticator, stream_format="per-device"):
+    def __init__(self, node, groups, authenticator, stream_format="per-device", access=None):
         self.node = node
         self.groups = groups
         self.auth = authenticator
+        self.access = access or Access(node)
         self.stream_format = stream_format
         self.per_device = stream_format == "per-device"
         self.disabled = {}
@@ -3167,7 +3718,7 @@ class Api:
                                          "on this server.")
         self.required = {path: [name for name, (_, required) in (route.params or {}).items()
                                 if required] for path, route in self.routes.items()}
-        self.metrics = Metrics(node, groups, list(self.routes) + list(self.disabled))
+        self.metrics = Metrics(node, groups, list(self.routes) + list(self.disabled), self.access)
         self.discover_reply = Reply(200, json_body(self.discovery()))
 
     def all_routes(self):
@@ -3210,10 +3761,9 @@ class Api:
             "/gpu/get_power_limit": Route(
                 "gpu-read", "GET", gpu_ids, self.gpu_read(gpu.power_limit_mw, lambda value: {
                     "power_limit_mw": value})),
-            "/gpu/get_power_limit_constraints": Route(
-                "gpu-read", "GET", gpu_ids, self.gpu_read(
-                    gpu.power_limit_constraints_mw, lambda value: {
-                        "min_power_limit_mw": value[0], "max_power_limit_mw": value[1]})),
+            "/gpu/get_power_limit_constraints": Route("gpu-read", "GET", gpu_ids,
+                                                      self.constraints),
+            "/gpu/policy": Route("gpu-control", "GET", gpu_ids, self.policy),
             "/gpu/get_persistence_mode": Route(
                 "gpu-read", "GET", gpu_ids, self.gpu_read(gpu.persistence_mode, lambda value: {
                     "enabled": value})),
@@ -3356,20 +3906,56 @@ class Api:
                 if owner is None:
                     raise HttpError(403, "Holding a GPU needs an owner: a Unix-socket caller or "
                                          "a token.")
-            if holds is not None:
-                message = holds.conflict(owner, ids)
-                if message is not None:
-                    raise HttpError(409, message)
-                claim = HoldClaim(holds, owner, None if operation == "hold" else dict(
-                    [("op", operation)] + list(zip(arg_names, values))))
-            if operation != "hold":
+            else:
                 named += " block=%s" % str(block).lower()
-            jobs = self.node.control.submit(ids, operation, values, named, who, claim)
+            access, caller = self.access, request.caller
+            principal = Principal(caller, claims, access.directory)
+            budgeted = operation == "set_power_limit" and access.policy is not None and \
+                access.policy.budget_w is not None
+            try:
+                access.check_policy(principal, operation, ids, dict(zip(arg_names, values)))
+                if holds is not None:
+                    message = holds.conflict(owner, ids)
+                    if message is not None:
+                        raise access.counted(Refused("held", 409, message, "held"))
+                access.check_in_use(principal, ids)
+                if holds is not None:
+                    claim = HoldClaim(holds, owner, None if operation == "hold" else dict(
+                        [("op", operation)] + list(zip(arg_names, values))))
+                with access.budget_step() if budgeted else NO_STEP:
+                    if budgeted:
+                        access.check_budget(ids, values[0], caller)
+                    jobs = self.node.control.submit(ids, operation, values, named, who, claim)
+                    if block or budgeted:
+                        outcomes = [(job.gpu, job.outcome(caller.gone)) for job in jobs]
+            except Refused as refusal:
+                audit(False, "%s %s gpu=%s%s: refused: %s", who, operation,
+                      ",".join(map(str, ids)), named, refusal.note)
+                raise
             if not block:
                 return EMPTY_OK
-            outcomes = [(job.gpu, job.outcome(request.caller.gone)) for job in jobs]
             return errors_reply({gpu: error for gpu, error in outcomes if error is not None})
         return handler
+
+    def constraints(self, args, claims, request):
+        """Each GPU's power limit range, intersected with the caller's policy range."""
+        ids = self.gpus_for(args.get("gpu_ids"), claims)
+        caller = request.caller
+        results, errors = self.node.gpu_calls.call_all(self.node.gpu.power_limit_constraints_mw,
+                                                       ids, caller.gone, caller.abandon)
+        if errors:
+            return errors_reply(errors)
+        if self.access.policy is not None:
+            principal = Principal(caller, claims, self.access.directory)
+            results = {gpu: self.access.constraints(principal, gpu, limits)
+                       for gpu, limits in results.items()}
+        return Reply(200, json_body({str(i): {"min_power_limit_mw": results[i][0],
+                                              "max_power_limit_mw": results[i][1]} for i in ids}))
+
+    def policy(self, args, claims, request):
+        ids = self.gpus_for(args.get("gpu_ids"), claims)
+        return Reply(200, json_body(self.access.view(
+            Principal(request.caller, claims, self.access.directory), ids)))
 
     @staticmethod
     def owner(request, claims):
@@ -3508,8 +4094,9 @@ class Metrics:
     """Counts requests, and renders a scrape: the device families of the enabled read groups
     that the token covers (read fresh: no device call between scrapes), then the daemon's."""
 
-    def __init__(self, node, groups, paths):
+    def __init__(self, node, groups, paths, access):
         self.node = node
+        self.access = access
         self.groups = groups
         self.paths = frozenset(paths)
         self.lock = threading.Lock()
@@ -3664,6 +4251,12 @@ class Metrics:
                         "GPU control operations run, by outcome.",
                         [((("operation", operation), ("result", result)), count)
                          for (operation, result), count in operations])
+            if node.control:
+                with self.access.lock:
+                    refusals = sorted(self.access.refusals.items())
+                page.family("zeusd_control_refusals_total", "counter",
+                            "GPU changes refused, by reason (policy, in-use, budget, held).",
+                            [((("reason", reason),), count) for reason, count in refusals])
         cpu_seconds, rss = process_usage()
         page.family("process_cpu_seconds_total", "counter",
                     "Total user and system CPU time spent in seconds.", [((), cpu_seconds)])
@@ -4098,15 +4691,15 @@ class Caller:
     time of that process as the connection began (a later process with its pid is not the
     caller), and whether it is still connected."""
 
-    __slots__ = ("peer", "uid", "pid", "start", "sock", "abandon")
+    __slots__ = ("peer", "uid", "gid", "pid", "start", "sock", "abandon")
     GONE = select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", 0x2000)
 
     def __init__(self, sock, address, abandon=None):
         self.sock = sock
         self.abandon = abandon  # (device, DeviceError): answer from elsewhere, see BoundedCalls
-        self.uid = self.pid = self.start = None
+        self.uid = self.gid = self.pid = self.start = None
         if sock.family == socket.AF_UNIX:
-            self.pid, self.uid = address if address else (None, None)
+            self.pid, self.uid, self.gid = address if address else (None, None, None)
             self.start = process_start(self.pid) if self.pid else None
             self.peer = "unix" if self.uid is None else "uid=%d pid=%d" % (self.uid, self.pid)
         else:
@@ -4120,11 +4713,10 @@ class Caller:
 
 
 def peer_credentials(sock):
-    """(pid, uid) of a Unix socket's peer, or None where the kernel does not say."""
+    """(pid, uid, gid) of a Unix socket's peer, or None where the kernel does not say."""
     try:
-        pid, uid, _ = struct.unpack("3i", sock.getsockopt(
-            socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
-        return pid, uid
+        return struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                   struct.calcsize("3i")))
     except OSError:
         return None
 
@@ -5249,6 +5841,66 @@ def receipt_matches(receipt, args):
                  and receipt["until_ms"] >= args.since))
 
 
+# ---- Policy check: `zeusd policy check`, a policy file linted and tried without a daemon ----
+
+def policy_check(args):
+    """Lint the file (exit 1 with its line); print each table's rules, or whether a change
+    would be allowed and the daemon's message (exit 0 allowed, 1 refused)."""
+    try:
+        policy = load_policy(args.file)
+    except StartupError as err:
+        sys.stderr.write("zeusd policy check: %s\n" % err)
+        return 1
+    if args.gpu is None:
+        emit(policy_rules(policy))
+        return 0
+    groups = tuple(args.group or ())
+    who = "a member of %s" % ", ".join(groups) if groups else "a caller"
+    if args.user is not None:
+        try:
+            account = pwd.getpwnam(args.user)
+        except KeyError:
+            who = "user '%s'" % args.user
+        else:
+            who = "uid %d (%s)" % (account.pw_uid, args.user)
+            if not args.group:
+                groups = UserDirectory().lookup(account.pw_uid)[1]
+    operation, arguments = args.change
+    grant = policy.grant(args.user, groups, False)
+    message = policy_refusal(grant, who, operation, [args.gpu], arguments, [args.gpu])
+    if message is not None:
+        emit("refused (403): %s\n" % message)
+        return 1
+    emit("allowed: %s may %s on GPU %d (policy: %s)%s\n" % (
+        who, operation.replace("_", " "), args.gpu, grant.name,
+        "; the node's power budget (%d W) is checked by the daemon" % policy.budget_w
+        if policy.budget_w and operation == "set_power_limit" else ""))
+    return 0
+
+
+def policy_rules(policy):
+    """The policy as text: the node's rules, then each table's."""
+    lines = ["node: %s; GPUs in use by others' processes: %s" % (
+        "a power budget of %d W" % policy.budget_w if policy.budget_w else "no power budget",
+        "refused" if policy.refuse_in_use else "allowed")]
+    tables = ([("default", policy.default)] if policy.default is not None else []) + \
+        [("group." + name, table) for name, table in sorted(policy.groups.items())] + \
+        [("user." + name, table) for name, table in sorted(policy.users.items())]
+    for name, table in tables:
+        rules = [Grant(name, [table]).gpus_text()]
+        for key, what in POLICY_SETTINGS.items():
+            value = table[key]
+            unit = "W" if key == "power_limit_w" else "MHz"
+            rules.append("%s: %s" % (what, "never" if value is False else "may be set"
+                                     if key == "persistence_mode" else "the GPU's range"
+                                     if value is True else "%d to %d %s" % (value[0], value[1],
+                                                                            unit)))
+        lines.append("[%s] %s" % (name, "; ".join(rules)))
+    if policy.default is None:
+        lines.append("callers no table names may change nothing (no [default])")
+    return "\n".join(lines) + "\n"
+
+
 # ---- Command line: the argument parser and its flag types ----
 
 GROUP_HELP = (
@@ -5264,6 +5916,20 @@ class CliParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, "%s: error: %s (see '%s --help')\n" % (self.prog, message, self.prog))
+
+
+class ChangeAction(argparse.Action):
+    """`policy check`'s change flags: args.change = (operation, {argument: value})."""
+
+    CHANGES = {"--power-limit": ("set_power_limit", ("power_limit_mw",), 1000),
+               "--gpu-clocks": ("set_gpu_locked_clocks", ("min_clock_mhz", "max_clock_mhz"), 1),
+               "--mem-clocks": ("set_mem_locked_clocks", ("min_clock_mhz", "max_clock_mhz"), 1),
+               "--persistence": ("set_persistence_mode", (), 1)}
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        operation, names, scale = self.CHANGES[option_string]
+        values = values if isinstance(values, list) else [values]
+        namespace.change = (operation, {name: value * scale for name, value in zip(names, values)})
 
 
 def duration_arg(text):
@@ -5396,6 +6062,10 @@ def build_parser():
     serve.add_argument("--no-restore", action="store_true",
                        help="Leave GPU settings as clients set them, as the Rust daemon does: "
                             "no holds,\nno 409, no state file")
+    serve.add_argument("--policy", metavar="PATH",
+                       help="TOML file of who may change which GPU, to which values, and the "
+                            "node's GPU power\nbudget; re-read on SIGHUP (check it first: zeusd "
+                            "policy check PATH)")
     serve.add_argument("--rapl-dir", default=None,
                        help="RAPL sysfs root [default: %s, or %s if only that exists]"
                             % RAPL_DIRS)
@@ -5463,8 +6133,39 @@ def build_parser():
     shape.add_argument("--summary", action="store_true",
                        help="One line, gpu_energy_j=GPU:J,...: the energy per GPU, for a job "
                             "record")
+    policy = commands.add_parser("policy", help="Access policy files",
+                                 description="Access policy files (serve --policy)")
+    policy_commands = policy.add_subparsers(dest="policy_command", metavar="<COMMAND>",
+                                            title="commands")
+    policy_commands.required = True
+    check = policy_commands.add_parser(
+        "check", help="Lint a policy file, or try a change against it",
+        description="Lint a policy file and print its tables' rules, or, with --gpu and a "
+                    "change, say whether the daemon would allow it (exit 0) or refuse it (exit "
+                    "1, with its message). No daemon needed", formatter_class=fmt)
+    check.add_argument("file", metavar="FILE", help="The policy file")
+    check.add_argument("--user", metavar="NAME", help="The caller's user name (its [user.NAME] "
+                                                      "table, and its groups)")
+    check.add_argument("--group", action="append", metavar="NAME",
+                       help="A group of the caller, repeated for several [default: the user's "
+                            "groups]")
+    check.add_argument("--gpu", type=int_range_arg(0, U32_MAX), metavar="N",
+                       help="The GPU the change is for")
+    change = check.add_mutually_exclusive_group()
+    change.add_argument("--power-limit", type=int_range_arg(0, U32_MAX // 1000), metavar="W",
+                        dest="change", action=ChangeAction,
+                        help="A power limit, in W")
+    change.add_argument("--gpu-clocks", type=int_range_arg(0, U32_MAX), nargs=2,
+                        metavar=("MIN", "MAX"), dest="change", action=ChangeAction,
+                        help="Locked GPU clocks, in MHz")
+    change.add_argument("--mem-clocks", type=int_range_arg(0, U32_MAX), nargs=2,
+                        metavar=("MIN", "MAX"), dest="change", action=ChangeAction,
+                        help="Locked memory clocks, in MHz")
+    change.add_argument("--persistence", nargs=0, dest="change", action=ChangeAction,
+                        help="Persistence mode")
     parser.subcommands = {"serve": serve, "token": issue, "status": status_parser,
-                          "release": release_parser, "receipts": receipts_parser}
+                          "release": release_parser, "receipts": receipts_parser,
+                          "policy": check}
     return parser
 
 
@@ -5503,11 +6204,13 @@ def check_privileges(groups, overrides):
                 " (e.g. --enable %s)" % ",".join(others) if others else ""))
 
 
-def on_hangup(authenticator):
-    if authenticator is None:
-        log.info("SIGHUP: authentication is off; nothing to reload")
-    else:
+def on_hangup(authenticator, access=None):
+    if authenticator is None and (access is None or access.policy_path is None):
+        log.info("SIGHUP: authentication is off and there is no --policy; nothing to reload")
+    if authenticator is not None:
         authenticator.reload()
+    if access is not None:
+        access.reload()
 
 
 def open_devices(args, groups, authenticator, overrides, hold_store):
@@ -5561,7 +6264,8 @@ def serve(args, groups):
     if overrides:
         log.info("GPU command overrides from %s: %s", args.gpu_command_overrides,
                  ", ".join(overrides))
-    api = Api(node, groups, authenticator, args.stream_format)
+    access = Access(node, args.policy, hold_store and hold_store.directory)
+    api = Api(node, groups, authenticator, args.stream_format, access)
     raise_file_limit(args.max_connections + FILE_LIMIT_HEADROOM)
     server = open_server(args, api)
     if args.mode == "tcp" and authenticator is None:
@@ -5581,7 +6285,7 @@ def serve(args, groups):
         received = signal.sigwait(SIGNALS)
         if received != signal.SIGHUP:
             break
-        on_hangup(authenticator)
+        on_hangup(authenticator, access)
     log.info("received %s; shutting down%s", signal.Signals(received).name,
              ", leaving the GPUs' holds in the state file for the next daemon"
              if received == LEAVE_HOLDS and node.holds is not None else "")
@@ -5612,6 +6316,12 @@ def main(argv=None):
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         parser.subcommands[args.command].error("unrecognized arguments: " + " ".join(unknown))
+    if args.command == "policy":
+        if (args.gpu is None) != (args.change is None):
+            parser.subcommands["policy"].error("--gpu and a change (--power-limit, --gpu-clocks, "
+                                               "--mem-clocks or --persistence) go together")
+        setup_logging()
+        return policy_check(args)
     if args.command in ("status", "release", "receipts"):
         try:
             return {"status": status, "release": release, "receipts": receipts}[args.command](
