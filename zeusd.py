@@ -8,7 +8,7 @@ scopes. Standard library only, plus pynvml (nvidia-ml-py); Python 3.6 or newer.
 
     python zeusd.py serve --help
     python zeusd.py token issue --help
-    python zeusd.py status --help
+    python zeusd.py status --help     (also: release, receipts, policy check)
 
 The file reads from the devices up; each section starts with a `# ---- Name: its job ----` line:
   configuration    API groups, durations, whole-value patterns
@@ -19,18 +19,25 @@ The file reads from the devices up; each section starts with a `# ---- Name: its
   authentication   verify_token, Authenticator: HS256 tokens, scopes, gpus, key reload
   GPUs             GpuBackend (the interface), NvmlBackend, TimedLibrary (NVML at debug)
   TOML subset      TomlReader: the override file's syntax, read as tomllib reads it
-  GPU overrides    load_overrides, CommandOverride, run_command (bounded), OverriddenBackend
+  GPU overrides    read_trusted_toml, load_overrides, CommandOverride, run_command (bounded),
+                   OverriddenBackend
+  access policy    load_policy, Policy (the admin's tables), Grant (what a table allows),
+                   policy_refusal (the 403's message)
   CPUs             RaplCounter, RaplPackage, RaplWrapGuard
   bounded waits    wait_until, BoundedCalls: request-path reads with a time limit and a watchdog
   GPU control      ControlJob (with its audit line), GpuControl: one worker per GPU
+  receipts         receipt_of, slurm_job_of, Receipts (receipts.jsonl, one line per ended hold)
   holds            Owner, session_of (who leads a caller's session), the state directory's
                    and /proc's startup checks, HoldStore (holds.json under flock), RestoreJob,
-                   Holds (conflicts, claims, releases, the watcher of sessions and tokens)
+                   HoldClaim (a change's claim), Holds (conflicts decided in Holds.refusal,
+                   claims, releases, the watcher of sessions and tokens)
   sampling         Sample, FailureLog, GpuPowerMeter, CpuPowerMeter, Sampler (its subscriber
                    protocol in its docstring)
   node             Node: the devices, samplers and workers the enabled groups need
   HTTP replies     Reply, and the DeviceError -> status mapping
   HTTP parameters  parse_query and its value parsers, select_ids
+  access           Principal (who asks), UserDirectory, Access: the policy's tables, in-use
+                   and budget checks of a change, Refused
   HTTP API         Api.handle(request): group gate, auth, route, method, parameters, handler
   HTTP metrics     Metrics: request counts and the Prometheus scrape
   HTTP streams     PowerRendering (bodies and SSE events, once per sample), SseSubscriber
@@ -38,6 +45,8 @@ The file reads from the devices up; each section starts with a `# ---- Name: its
                    HttpConnection (serve, reply, stream)
   servers          Slot, ConnectionCap with its Rejecter and fair share, TcpServer, UnixServer
   status           `zeusd status`: HttpReader, DaemonClient, the table, StreamFollower
+  release          `zeusd release` and `zeusd receipts`: receipt_row, since_arg
+  policy check     `zeusd policy check`: policy_rules
   command line     build_parser and its flag types
   main             serve (startup order, signals), issue, main
 Everything below HTTP knows nothing of it (who asks reaches it as data: an Owner, a gone()
@@ -1445,8 +1454,9 @@ def policy_refusal(grant, who, operation, ids, arguments, gpu_ids):
             allowed, what = grant.setting(gpu, key), POLICY_SETTINGS[key]
             if allowed is False:
                 elsewhere = any(grant.setting(other, key) is not False for other in gpu_ids)
-                return "%s may not set %s%s (policy: %s)." % (
-                    who, what, " on GPU %d" % gpu if elsewhere else "", grant.name)
+                return "%s may not %s %s%s (policy: %s)." % (
+                    who, operation.partition("_")[0], what, " on GPU %d" % gpu if elsewhere
+                    else "", grant.name)
             if allowed is True or not checked:
                 continue
             scale, unit = (1000, "W") if key == "power_limit_w" else (1, "MHz")
@@ -1458,13 +1468,13 @@ def policy_refusal(grant, who, operation, ids, arguments, gpu_ids):
     return None
 
 
-def load_policy(path, gpu_count=None):
+def load_policy(path, gpu_count=None, flag="--policy"):
     """The Policy of a trusted policy file; StartupError naming the file, line and key."""
-    reader = read_trusted_toml(path, "--policy", "a policy others could change")
+    reader = read_trusted_toml(path, flag, "a policy others could change")
     try:
         return parse_policy(path, reader.document(), reader.lines, gpu_count)
     except ValueError as err:
-        raise StartupError("--policy %s: %s" % (path, err))
+        raise StartupError("%s %s: %s" % (flag, path, err))
 
 
 def parse_policy(path, document, lines, gpu_count):
@@ -1969,6 +1979,8 @@ class GpuControl:
 RECEIPTS_FILE = "receipts.jsonl"
 RECEIPTS_ROTATE_BYTES = 64 << 20  # past this the file becomes receipts.jsonl.1
 SLURM_JOB = re.compile(r"/job_(\d{1,20})(?=/|$)")
+SAVED_ORDER = ("power_limit_mw", "persistence_mode", "gpu_locked_clocks", "mem_locked_clocks")
+CHANGE_ORDER = ("t_ms", "op")
 
 
 def holder_name(hold):
@@ -2004,11 +2016,18 @@ def receipt_of(hold, gpu, uuid, energy_mj, energy_note, reason, restore):
         ("until_ms", int(time.time() * 1000)), ("energy_j", energy_j)])
     if note is not None:
         receipt["energy_note"] = note
-    receipt["changes"] = hold.get("changes", [])
+    receipt["changes"] = [in_order(change, CHANGE_ORDER) for change in hold.get("changes", [])]
     if hold.get("changes_left_out"):
         receipt["changes_left_out"] = hold["changes_left_out"]
-    receipt.update([("saved", hold["saved"]), ("reason", reason), ("restore", restore)])
+    receipt.update([("saved", in_order(hold["saved"], SAVED_ORDER)), ("reason", reason),
+                    ("restore", restore)])
     return receipt
+
+
+def in_order(record, order):
+    """A record's keys in the order the receipts show them (the state file sorts them)."""
+    return collections.OrderedDict(sorted(record.items(), key=lambda item: (
+        order.index(item[0]) if item[0] in order else len(order), item[0])))
 
 
 def slurm_job_of(pid):
@@ -2552,7 +2571,7 @@ class Holds:
                  "persistence_mode": self.backend.persistence_mode(gpu),
                  "gpu_locked_clocks": "reset", "mem_locked_clocks": "reset"}
         energy_mj, energy_note = self.energy_now(gpu)
-        leader = owner.session[0] if owner.session and owner.session != UNSEEN_SESSION else None
+        leader = owner.session[0] if owner.session and alive(owner.session) else None
 
         def change(holds):
             hold = holds.get(str(gpu))
@@ -3446,7 +3465,7 @@ def process_uid(pid):
 
 def uid_text(uid):
     if uid is None:
-        return "a process the daemon cannot see"
+        return "a user the daemon cannot see"
     try:
         return "uid %d (%s)" % (uid, pwd.getpwuid(uid).pw_name)
     except KeyError:
@@ -3891,10 +3910,6 @@ class Api:
         def handler(args, claims, request):
             ids = self.gpus_for(args["gpu_ids"], claims)
             values = tuple(args[n] for n in arg_names)
-            if operation == "set_power_limit":
-                out_of_range = self.out_of_range(ids, values[0])
-                if out_of_range:
-                    return errors_reply(out_of_range)
             named = "".join(" %s=%s" % (n, str(v).lower() if isinstance(v, bool) else v)
                             for n, v in zip(arg_names, values))
             who = request.caller.peer + (" user=" + claims.sub if claims is not None else "")
@@ -3914,6 +3929,10 @@ class Api:
                 access.policy.budget_w is not None
             try:
                 access.check_policy(principal, operation, ids, dict(zip(arg_names, values)))
+                if operation == "set_power_limit":
+                    out_of_range = self.out_of_range(ids, values[0])
+                    if out_of_range:
+                        return errors_reply(out_of_range)
                 if holds is not None:
                     message = holds.conflict(owner, ids)
                     if message is not None:
@@ -5847,7 +5866,7 @@ def policy_check(args):
     """Lint the file (exit 1 with its line); print each table's rules, or whether a change
     would be allowed and the daemon's message (exit 0 allowed, 1 refused)."""
     try:
-        policy = load_policy(args.file)
+        policy = load_policy(args.file, flag="policy file")
     except StartupError as err:
         sys.stderr.write("zeusd policy check: %s\n" % err)
         return 1
@@ -5872,7 +5891,7 @@ def policy_check(args):
         emit("refused (403): %s\n" % message)
         return 1
     emit("allowed: %s may %s on GPU %d (policy: %s)%s\n" % (
-        who, operation.replace("_", " "), args.gpu, grant.name,
+        who, args.change_text, args.gpu, grant.name,
         "; the node's power budget (%d W) is checked by the daemon" % policy.budget_w
         if policy.budget_w and operation == "set_power_limit" else ""))
     return 0
@@ -5930,6 +5949,9 @@ class ChangeAction(argparse.Action):
         operation, names, scale = self.CHANGES[option_string]
         values = values if isinstance(values, list) else [values]
         namespace.change = (operation, {name: value * scale for name, value in zip(names, values)})
+        namespace.change_text = "set %s%s" % (
+            POLICY_SETTINGS[OPERATION_RULES[operation][0][0]], " of %s %s" % (
+                " to ".join(map(str, values)), "W" if scale == 1000 else "MHz") if values else "")
 
 
 def duration_arg(text):
