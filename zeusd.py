@@ -1985,9 +1985,9 @@ CHANGE_ORDER = ("t_ms", "op")
 
 def holder_name(hold):
     """A hold's user: the token's sub, or the passwd name of its uid (None if it has none)."""
-    uid = hold.get("uid")
+    uid = hold.uid
     if uid is None:
-        return hold.get("user")
+        return hold.user
     try:
         return pwd.getpwuid(uid).pw_name
     except KeyError:
@@ -1997,9 +1997,9 @@ def holder_name(hold):
 def hold_energy(hold, energy_mj, note=None):
     """(J since the hold began, to 3 decimals, None), or (None, why not), given the GPU's
     energy counter now (None, with note: no reading)."""
-    start = hold.get("energy_mj")
+    start = hold.energy_mj
     if start is None:
-        return None, hold.get("energy_note") or "no energy reading when the hold began"
+        return None, hold.energy_note or "no energy reading when the hold began"
     if energy_mj is None:
         return None, note
     if energy_mj < start:
@@ -2011,15 +2011,15 @@ def receipt_of(hold, gpu, uuid, energy_mj, energy_note, reason, restore):
     """The receipt of a hold that ends now."""
     energy_j, note = hold_energy(hold, energy_mj, energy_note)
     receipt = collections.OrderedDict([
-        ("hold", hold["id"]), ("gpu", gpu), ("uuid", uuid), ("uid", hold.get("uid")),
-        ("user", holder_name(hold)), ("job", hold.get("job")), ("since_ms", hold["since_ms"]),
+        ("hold", hold.id), ("gpu", gpu), ("uuid", uuid), ("uid", hold.uid),
+        ("user", holder_name(hold)), ("job", hold.job), ("since_ms", hold.since_ms),
         ("until_ms", int(time.time() * 1000)), ("energy_j", energy_j)])
     if note is not None:
         receipt["energy_note"] = note
-    receipt["changes"] = [in_order(change, CHANGE_ORDER) for change in hold.get("changes", [])]
-    if hold.get("changes_left_out"):
-        receipt["changes_left_out"] = hold["changes_left_out"]
-    receipt.update([("saved", in_order(hold["saved"], SAVED_ORDER)), ("reason", reason),
+    receipt["changes"] = [in_order(change, CHANGE_ORDER) for change in hold.changes]
+    if hold.changes_left_out:
+        receipt["changes_left_out"] = hold.changes_left_out
+    receipt.update([("saved", in_order(hold.saved, SAVED_ORDER)), ("reason", reason),
                     ("restore", restore)])
     return receipt
 
@@ -2293,7 +2293,7 @@ class HoldStore:
         self.seen = (None, {})  # (the file's identity and mtime, its holds) as last read
 
     def update(self, change, limit=HOLDS_FILE_LIMIT):
-        """change(holds) under the lock, the file rewritten if holds changed; its outcome.
+        """change({gpu: Hold}) under the lock, the file rewritten if it changed; its outcome.
         DeviceError("full") if the file would pass limit bytes (it is not written then: the
         daemon never writes a file it would refuse to read), DeviceError("failed") if it
         cannot be written."""
@@ -2303,10 +2303,11 @@ class HoldStore:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 holds = self.load(moving_aside=True)
-                before = json.dumps(holds, sort_keys=True)
+                before = holds_json(holds)
                 outcome = change(holds)
-                if json.dumps(holds, sort_keys=True) != before:
-                    self.save(holds, limit)
+                after = holds_json(holds)
+                if after != before:
+                    self.save(after, limit)
                 return outcome
             finally:
                 os.close(fd)
@@ -2315,10 +2316,11 @@ class HoldStore:
                               % (self.path, err.strerror or err))
 
     def current(self):
-        """The holds as the file has them now (read without the lock: writes are atomic)."""
+        """{gpu: Hold} as the file has it now (read without the lock: writes are atomic)."""
         return self.load(moving_aside=False)
 
     def load(self, moving_aside):
+        """{gpu: Hold}, new objects each time (the file's last reading is kept as text)."""
         try:
             info = os.stat(self.path)
         except FileNotFoundError:
@@ -2327,7 +2329,7 @@ class HoldStore:
             info = None
         identity = info and (info.st_ino, info.st_mtime_ns, info.st_size)
         if identity is not None and identity == self.seen[0]:
-            return json.loads(json.dumps(self.seen[1]))
+            return self.holds_of(self.seen[1])
         problem = None
         try:
             data, opened = read_small_file(self.path, HOLDS_FILE_LIMIT)
@@ -2336,8 +2338,9 @@ class HoldStore:
                           "mode %04o)" % (opened.st_uid, opened.st_mode & 0o7777)
             else:
                 holds = parse_holds(data)
-                self.seen = ((opened.st_ino, opened.st_mtime_ns, opened.st_size), holds)
-                return json.loads(json.dumps(holds))
+                self.seen = ((opened.st_ino, opened.st_mtime_ns, opened.st_size),
+                             json.dumps(holds))
+                return self.holds_of(self.seen[1])
         except OSError as err:
             problem = "cannot be read: %s" % (err.strerror or err)
         except ValueError as err:
@@ -2352,8 +2355,12 @@ class HoldStore:
                       self.path, problem, aside)
         return {}
 
-    def save(self, holds, limit):
-        data = json.dumps({"holds": holds}, sort_keys=True).encode()
+    @staticmethod
+    def holds_of(text):
+        return {key: Hold.of(fields) for key, fields in json.loads(text).items()}
+
+    def save(self, text, limit):
+        data = text.encode()
         if len(data) > limit:
             raise DeviceError("full", "the node's hold record is full: %s would grow to %d "
                               "bytes, past %d; release held GPUs first" % (self.path, len(data),
@@ -2374,11 +2381,39 @@ class HoldStore:
             os.close(directory)
 
 
-HOLD_KEYS = {"id": str, "since_ms": int, "saved": dict, "daemon": list, "sessions": list}
+class Hold:
+    """One GPU's hold, as holds.json records it: the owner (a uid and its login sessions, or
+    a token's user and expiry), when it began, the settings to put back, the daemon that
+    keeps it ([pid, start time]), the reason it is being restored (None while it lasts), the
+    GPU's energy counter when it began (or why there is no reading), the holder's Slurm job,
+    and the changes made during it."""
+
+    __slots__ = ("id", "uid", "user", "exp", "sessions", "since_ms", "saved", "daemon",
+                 "restoring", "energy_mj", "energy_note", "job", "changes", "changes_left_out")
+    REQUIRED = (("id", str), ("since_ms", int), ("saved", dict), ("daemon", list),
+                ("sessions", list))
+
+    def __init__(self, **fields):
+        for name in self.__slots__:
+            setattr(self, name, fields.get(name))
+        self.changes = self.changes or []
+        self.changes_left_out = self.changes_left_out or 0
+
+    @classmethod
+    def of(cls, fields):
+        """The Hold of a state file's object; ValueError unless it has its fields."""
+        if not isinstance(fields, dict) or not all(isinstance(fields.get(name), kind)
+                                                   for name, kind in cls.REQUIRED):
+            raise ValueError("not a hold")
+        return cls(**fields)
+
+    def json(self):
+        return {name: getattr(self, name) for name in self.__slots__}
 
 
 def parse_holds(data):
-    """{gpu: hold} from the state file's bytes; ValueError unless every hold has its fields."""
+    """The state file's holds object, {gpu: fields}, from its bytes; ValueError unless every
+    hold has its fields."""
     try:
         document = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, RecursionError):
@@ -2386,11 +2421,20 @@ def parse_holds(data):
     holds = document.get("holds") if isinstance(document, dict) else None
     if not isinstance(holds, dict):
         raise ValueError("no 'holds' object")
-    for key, hold in holds.items():
-        if not DIGITS.fullmatch(key) or not isinstance(hold, dict) or not all(
-                isinstance(hold.get(name), kind) for name, kind in HOLD_KEYS.items()):
+    for key, fields in holds.items():
+        try:
+            if not DIGITS.fullmatch(key):
+                raise ValueError("not a GPU index")
+            Hold.of(fields)
+        except ValueError:
             raise ValueError("hold %r is not a hold" % shown(key))
     return holds
+
+
+def holds_json(holds):
+    """The state file's text of {gpu: Hold}, keys sorted (so that a change shows)."""
+    return json.dumps({"holds": {key: hold.json() for key, hold in holds.items()}},
+                      sort_keys=True)
 
 
 class RestoreJob:
@@ -2411,7 +2455,7 @@ class RestoreJob:
 
     def run(self, backend, counts, counts_lock):
         energy_mj, energy_note = self.holds.energy_now(self.gpu)
-        saved, problems = self.hold["saved"], []
+        saved, problems = self.hold.saved, []
         steps = [(backend.reset_locked_clocks, ())]
         if saved.get("persistence_mode") is not None:
             steps.insert(0, (backend.set_persistence_mode, (bool(saved["persistence_mode"]),)))
@@ -2505,9 +2549,9 @@ class Holds:
         """Why owner may not change a GPU with this hold (the 409 message), or None: the one
         place where conflicts are decided. A GPU being restored is nobody's to change, or a
         change could land between the restore's steps."""
-        if hold.get("restoring"):
+        if hold.restoring:
             return ("GPU %d is being restored (reason %s): its saved settings are being put "
-                    "back; try again in a moment." % (gpu, hold["restoring"]))
+                    "back; try again in a moment." % (gpu, hold.restoring))
         return None if self.may_change(owner, hold) else self.held_message(gpu, hold)
 
     @staticmethod
@@ -2517,23 +2561,23 @@ class Holds:
         if owner.uid == 0 or owner.admin:
             return True
         if owner.uid is not None:
-            return hold.get("uid") == owner.uid
-        return hold.get("uid") is None and hold.get("user") == owner.user
+            return hold.uid == owner.uid
+        return hold.uid is None and hold.user == owner.user
 
     @staticmethod
     def held_message(gpu, hold):
-        since = iso_time(hold["since_ms"])
-        if hold.get("uid") is not None:
-            sessions = hold["sessions"]
+        since = iso_time(hold.since_ms)
+        if hold.uid is not None:
+            sessions = hold.sessions
             if sessions == [UNSEEN_SESSION]:
                 return ("GPU %d is held by uid %d (a session outside the daemon's view, since "
                         "%s): its settings are restored when it releases it or the daemon "
-                        "stops." % (gpu, hold["uid"], since))
+                        "stops." % (gpu, hold.uid, since))
             return ("GPU %d is held by uid %d (session %s, since %s): its settings are restored "
                     "when that session ends or releases it." % (
-                        gpu, hold["uid"], sessions[0][0] if sessions else "-", since))
+                        gpu, hold.uid, sessions[0][0] if sessions else "-", since))
         return ("GPU %d is held by user '%s' (since %s): its settings are restored when that "
-                "user's token expires or it releases it." % (gpu, hold.get("user"), since))
+                "user's token expires or it releases it." % (gpu, hold.user, since))
 
     @staticmethod
     def extend(gpu, hold, owner):
@@ -2541,19 +2585,17 @@ class Holds:
         its token's expiry lengthens it. uid 0 and admin tokens leave others' holds as they
         are."""
         if owner.uid is not None:
-            if owner.uid != hold.get("uid") or not owner.session or \
-                    owner.session in hold["sessions"]:
+            if owner.uid != hold.uid or not owner.session or owner.session in hold.sessions:
                 return
-            if len(hold["sessions"]) >= MAX_SESSIONS:
-                hold["sessions"] = [session for session in hold["sessions"] if alive(session)]
-            if len(hold["sessions"]) >= MAX_SESSIONS:
+            if len(hold.sessions) >= MAX_SESSIONS:
+                hold.sessions = [session for session in hold.sessions if alive(session)]
+            if len(hold.sessions) >= MAX_SESSIONS:
                 raise DeviceError("conflict", "GPU %d is held by uid %d in %d sessions, the most "
                                   "one hold records: release it (zeusd release) or end one of "
                                   "them first." % (gpu, owner.uid, MAX_SESSIONS))
-            hold["sessions"].append(owner.session)
-        elif hold.get("uid") is None and hold.get("user") == owner.user and \
-                hold.get("exp") is not None:
-            hold["exp"] = None if owner.exp is None else max(hold["exp"], owner.exp)
+            hold.sessions.append(owner.session)
+        elif hold.uid is None and hold.user == owner.user and hold.exp is not None:
+            hold.exp = None if owner.exp is None else max(hold.exp, owner.exp)
 
     def claim(self, gpu, owner):
         """Before a change of gpu, on its worker: refuses it if owner may not change the GPU;
@@ -2580,15 +2622,14 @@ class Holds:
                 if message is not None:
                     raise DeviceError("conflict", message)
                 self.extend(gpu, hold, owner)
-                return hold["id"], False
-            holds[str(gpu)] = {
-                "id": binascii.hexlify(os.urandom(8)).decode(), "uid": owner.uid,
-                "user": owner.user, "exp": owner.exp,
-                "sessions": [owner.session] if owner.session else [],
-                "since_ms": int(time.time() * 1000), "saved": saved, "daemon": self.me,
-                "energy_mj": energy_mj, "energy_note": energy_note,
-                "job": slurm_job_of(leader) if leader else None, "changes": []}
-            return holds[str(gpu)]["id"], True
+                return hold.id, False
+            hold = holds[str(gpu)] = Hold(
+                id=binascii.hexlify(os.urandom(8)).decode(), uid=owner.uid, user=owner.user,
+                exp=owner.exp, sessions=[owner.session] if owner.session else [],
+                since_ms=int(time.time() * 1000), saved=saved, daemon=self.me,
+                energy_mj=energy_mj, energy_note=energy_note,
+                job=slurm_job_of(leader) if leader else None)
+            return hold.id, True
         claimed = self.store.update(change, HOLDS_RECORD_LIMIT)
         if claimed[1] and owner.session == UNSEEN_SESSION:
             log.warning("GPU %d is held by uid %d from outside the daemon's PID namespace, "
@@ -2612,13 +2653,12 @@ class Holds:
 
         def record(holds):
             hold = holds.get(str(gpu))
-            if hold is None or hold["id"] != hold_id:
+            if hold is None or hold.id != hold_id:
                 return
-            changes = hold.setdefault("changes", [])
-            if len(changes) < MAX_CHANGES:
-                changes.append(entry)
+            if len(hold.changes) < MAX_CHANGES:
+                hold.changes.append(entry)
             else:
-                hold["changes_left_out"] = hold.get("changes_left_out", 0) + 1
+                hold.changes_left_out += 1
         try:
             self.store.update(record, HOLDS_RECORD_LIMIT)
         except DeviceError as err:
@@ -2638,7 +2678,7 @@ class Holds:
     def forget(self, gpu, hold_id):
         """End the hold hold_id of a GPU (if it still is the GPU's hold) without a restore."""
         def change(holds):
-            if holds.get(str(gpu), {}).get("id") == hold_id:
+            if str(gpu) in holds and holds[str(gpu)].id == hold_id:
                 del holds[str(gpu)]
         self.store.update(change)
 
@@ -2666,7 +2706,7 @@ class Holds:
         def change(holds):
             chosen = []
             for key, hold in sorted(holds.items()):
-                if hold.get("restoring") or int(key) not in scope:
+                if hold.restoring or int(key) not in scope:
                     continue
                 if not self.may_change(owner, hold):
                     if ids is None:
@@ -2690,8 +2730,8 @@ class Holds:
     def mark(self, holds, key, reason):
         """Mark a hold as being restored, this daemon doing it; its RestoreJob."""
         hold = holds[key]
-        hold["restoring"], hold["daemon"] = reason, self.me
-        return RestoreJob(int(key), dict(hold), reason, self)
+        hold.restoring, hold.daemon = reason, self.me
+        return RestoreJob(int(key), hold, reason, self)
 
     def run(self, jobs):
         """Queue restores (their holds marked in the state file) on their GPUs' workers."""
@@ -2707,7 +2747,7 @@ class Holds:
         with self.lock:
             self.restores[job.gpu, job.reason, result] += 1
         self.receipts.append(job.receipt)
-        self.end(job.gpu, job.hold["id"])
+        self.end(job.gpu, job.hold.id)
         with self.lock:
             if self.running.get(job.gpu) is job:
                 del self.running[job.gpu]
@@ -2716,7 +2756,7 @@ class Holds:
     def view(self):
         """{gpu: hold} as the state file has it now, holds being restored left out."""
         return {int(key): hold for key, hold in self.store.current().items()
-                if not hold.get("restoring")}
+                if not hold.restoring}
 
     # The watcher
 
@@ -2737,7 +2777,7 @@ class Holds:
         left, with its hold, to the next daemon (an ERROR line names the GPU)."""
         def change(holds):
             return [self.mark(holds, key, reason) for key, hold in sorted(holds.items())
-                    if hold["daemon"] == self.me and not hold.get("restoring")]
+                    if hold.daemon == self.me and not hold.restoring]
         try:
             self.run(self.store.update(change))
         except DeviceError as err:
@@ -2806,40 +2846,39 @@ class Holds:
 
         def change(holds):
             for gpu, hold_id in unended.items():
-                if holds.get(str(gpu), {}).get("id") == hold_id:
+                if str(gpu) in holds and holds[str(gpu)].id == hold_id:
                     del holds[str(gpu)]
             jobs = []
             for key, hold in sorted(holds.items()):
                 if int(key) >= len(self.control.queues):
-                    if hold["id"] not in self.unknown:
-                        self.unknown.add(hold["id"])
+                    if hold.id not in self.unknown:
+                        self.unknown.add(hold.id)
                         log.error("the state file %s has a hold of GPU %s, which this daemon "
                                   "does not have (it has %d GPUs); the hold is left as it is",
                                   self.store.path, key, len(self.control.queues))
                     continue
-                adopted = hold["daemon"] != self.me
-                if adopted and alive(hold["daemon"]):
+                adopted = hold.daemon != self.me
+                if adopted and alive(hold.daemon):
                     continue
-                if hold.get("restoring"):
-                    if adopted and self.receipts.written(hold["id"]):
+                if hold.restoring:
+                    if adopted and self.receipts.written(hold.id):
                         del holds[key]  # restored and on record: its daemon died after that
                     elif adopted:
-                        jobs.append(self.mark(holds, key, hold["restoring"]))
+                        jobs.append(self.mark(holds, key, hold.restoring))
                     continue
-                hold["daemon"] = self.me
-                if hold.get("uid") is not None:
-                    hold["sessions"] = [session for session in hold["sessions"]
-                                        if alive(session)]
-                    gone = not hold["sessions"]
-                    leaders.update(session[0] for session in hold["sessions"]
+                hold.daemon = self.me
+                if hold.uid is not None:
+                    hold.sessions = [session for session in hold.sessions if alive(session)]
+                    gone = not hold.sessions
+                    leaders.update(session[0] for session in hold.sessions
                                    if session != UNSEEN_SESSION)
                 else:
-                    gone = hold.get("exp") is not None and now >= hold["exp"]
-                    if not gone and hold.get("exp") is not None:
-                        expiries.append(hold["exp"])
+                    gone = hold.exp is not None and now >= hold.exp
+                    if not gone and hold.exp is not None:
+                        expiries.append(hold.exp)
                 if gone:
                     reason = "owner-gone" if adopted else (
-                        "session-ended" if hold.get("uid") is not None else "token-expired")
+                        "session-ended" if hold.uid is not None else "token-expired")
                     jobs.append(self.mark(holds, key, reason))
             return jobs
         jobs = self.store.update(change)
@@ -3699,12 +3738,11 @@ INTERNAL_ERROR = Reply(500, error_body("Internal server error; see the daemon's 
 
 def hold_json(hold, energy_mj, energy_note):
     """A hold as /gpu/holds shows it, given its GPU's energy counter now."""
-    uid = hold.get("uid")
     energy_j, note = hold_energy(hold, energy_mj, energy_note)
-    shown = {"uid": uid, "user": holder_name(hold),
-             "sessions": [session[0] for session in hold["sessions"]] if uid is not None else None,
-             "since_ms": hold["since_ms"], "saved": hold["saved"], "energy_j": energy_j,
-             "changes": hold.get("changes", [])}
+    shown = {"uid": hold.uid, "user": holder_name(hold),
+             "sessions": [session[0] for session in hold.sessions] if hold.uid is not None
+             else None, "since_ms": hold.since_ms, "saved": hold.saved, "energy_j": energy_j,
+             "changes": hold.changes}
     if note is not None:
         shown["energy_note"] = note
     return shown
@@ -4005,7 +4043,7 @@ class Api:
     def holds(self, args, claims, request):
         ids = self.gpus_for(args.get("gpu_ids"), claims)
         held = self.node.holds.view() if self.node.holds is not None else {}
-        counted = [gpu for gpu in ids if gpu in held and held[gpu].get("energy_mj") is not None]
+        counted = [gpu for gpu in ids if gpu in held and held[gpu].energy_mj is not None]
         caller = request.caller
         energy, errors = self.node.gpu_calls.call_all(self.node.gpu.energy_mj, counted,
                                                       caller.gone, caller.abandon)
