@@ -467,9 +467,9 @@ class Daemon(object):
         command = options.get("prefix", []) + [
                    options.get("python", PYTHON), options.get("script", ZEUSD), "serve",
                    "--mode", self.mode, "--rapl-dir", node.rapl]
-        if "--state-dir" not in args and "--no-restore" not in args:
-            command += ["--state-dir", options.get("state_dir", os.path.join(node.root,
-                                                                             "state"))]
+        state_dir = options.get("state_dir", os.path.join(node.root, "state"))
+        if "--state-dir" not in args and "--no-restore" not in args and state_dir is not None:
+            command += ["--state-dir", state_dir]  # state_dir=None: the daemon's default
         if self.mode == "uds":
             command += ["--socket-path", self.socket_path]
         else:
@@ -649,7 +649,8 @@ def ask_and_leave(daemon, path, method="GET"):
     return connection
 
 
-# ---- First: a daemon with a hung GPU, whose clients wait while the other tests run ----
+# ---- First: a daemon with a hung GPU, and one stopping while a restore hangs: their bounded
+# waits run out while the other tests run ----
 
 @pytest.fixture(scope="module")
 def hung():
@@ -706,6 +707,39 @@ def test_a_hung_gpu_ties_up_one_thread_per_call_however_many_clients_ask(hung):
     assert error_of(busy, 503) == "GPU 0 is busy: 64 commands are waiting"
     assert daemon.post("/gpu/set_power_limit?gpu_ids=1&power_limit_mw=200000&"
                        "block=true").status == 200
+
+
+@pytest.fixture(scope="module")
+def stopping():
+    """A daemon stopped with SIGTERM since the start of this file while a restore hangs (GPU
+    0's power limit setter does not answer for 30 s): it waits the restore's 10 s bound while
+    the other tests run (test_sigterm_while_a_restore_hangs_waits_its_bound_and_leaves_the_hold,
+    last). Before the signal, uid 1002 tried to change the GPU whose restore hangs."""
+    if not IS_ROOT or unprivileged_python() is None:
+        pytest.skip("needs root, and a Python an unprivileged user can run, to run clients as "
+                    "two other uids")
+    root = tempfile.mkdtemp(prefix="zeusd-stopping-")
+    os.chmod(root, 0o755)
+    node = FakeNode(root)
+    daemon = Daemon(node, "--enable", "gpu-control,gpu-read")
+    alice = Client(daemon.socket_path, SET_0, uid=1001)
+    node.update(delay={"nvmlDeviceSetPowerManagementLimit": {"0": 30}})
+    alice.end()
+    restore_begun(node, "0")
+    bob = Client(daemon.socket_path, SET_0, uid=1002)
+    daemon.answers = alice.answers + bob.answers
+    daemon.process.send_signal(signal.SIGTERM)
+    daemon.exited = in_background(daemon.process.wait)
+    yield node, daemon
+    bob.end()
+    daemon.stop()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_gpu_whose_restore_hangs_is_409_to_other_uids(stopping):
+    node, daemon = stopping
+    assert daemon.answers[0] == [200, ""]
+    assert one_error(*daemon.answers[1], status=409).startswith("GPU 0 is being restored")
 
 
 # ---- Command line ----
@@ -928,6 +962,44 @@ def test_socket_mode_and_owner(start):
     assert stat.S_ISSOCK(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o640
     if IS_ROOT:
         assert (info.st_uid, info.st_gid) == (65534, 65534)
+
+
+def test_the_state_directory_defaults_to_run_zeusd_state():
+    assert zeusd.build_parser().parse_args(["serve"]).state_dir == "/run/zeusd/state"
+    status, out, _ = run_cli("serve", "--help")
+    assert status == 0 and "[default: /run/zeusd/state]" in out
+
+
+@pytest.mark.skipif(not MAY_UNSHARE, reason="needs root that may unshare a mount namespace")
+def test_a_daemon_first_on_a_fresh_run_leaves_run_zeusd_open(node, start):
+    """A TCP daemon with gpu-control, first on a fresh /run (a tmpfs in a mount namespace of
+    its own), makes /run/zeusd 0755 and its state directory /run/zeusd/state 0700, so that a
+    UDS daemon's socket there stays reachable."""
+    fresh_run = ["unshare", "--mount", "sh", "-c", 'mount -t tmpfs tmpfs /run && exec "$@"', "sh"]
+    daemon = start("--enable", "gpu-control,gpu-read", mode="tcp", prefix=fresh_run,
+                   state_dir=None)
+    run = "/proc/%d/root/run/zeusd" % daemon.process.pid  # /run as the daemon sees it
+    assert stat.S_IMODE(os.stat(run).st_mode) == 0o755
+    assert stat.S_IMODE(os.stat(run + "/state").st_mode) == 0o700
+
+
+def test_a_socket_open_to_all_behind_a_closed_directory_is_warned_about(start):
+    public = tempfile.mkdtemp(prefix="zeusd-public-")
+    os.chmod(public, 0o755)
+    closed = os.path.join(public, "closed")
+    os.mkdir(closed, 0o700)
+    try:
+        daemon = start("--enable", "gpu-read", socket_name=os.path.join(closed, "zeusd.sock"))
+        warned = wait_for(lambda: [line for line in daemon.log().splitlines()
+                                   if " WARNING " in line and closed in line],
+                          "the WARNING line")
+        assert len(warned) == 1 and "0700" in warned[0], warned
+        for mode, path in (("666", os.path.join(public, "zeusd.sock")),
+                           ("600", os.path.join(closed, "own.sock"))):
+            quiet = start("--enable", "gpu-read", "--socket-permissions", mode, socket_name=path)
+            assert " WARNING " not in quiet.log(), quiet.log()
+    finally:
+        shutil.rmtree(public, ignore_errors=True)
 
 
 def test_busy_tcp_address_exits_1(start):
@@ -1171,6 +1243,16 @@ def error_of(response, status):
     body = response_json(response)
     assert list(body) == ["error"] and body["error"]
     return body["error"]
+
+
+def one_error(got, body, status):
+    """The one error message of an answer (its status and body): {"error": …} or a one-GPU
+    {"errors": {…}} alike."""
+    assert got == status, (got, body)
+    value = json.loads(body if isinstance(body, str) else body.decode())
+    messages = [value["error"]] if "error" in value else list(value["errors"].values())
+    assert len(messages) == 1, value
+    return messages[0]
 
 
 def test_unknown_path_is_404(daemon):
@@ -1617,6 +1699,20 @@ def test_health(node, start):
     node.update(fail={})
     wait_for(lambda: daemon.get("/gpu/get_power").status == 200, "GPU 1 to read again")
     assert daemon.get_json("/health") == {"status": "ok"}
+
+
+def test_health_is_degraded_when_nvml_did_not_load(node, start):
+    node.update(init_fail=12)
+    daemon = start("--enable", "gpu-read")
+    health = daemon.get_json("/health")
+    assert list(health) == ["status", "problems"] and health["status"] == "degraded", health
+    assert len(health["problems"]) == 1 and health["problems"][0].startswith(
+        "NVML is not available (") and health["problems"][0].endswith("): serving zero GPUs")
+    assert daemon.get("/health?strict=true").status == 503
+    if IS_ROOT:  # cpu-read needs root: a daemon that does not read GPUs needs no NVML
+        cpus_only = start("--enable", "cpu-read", socket_name="cpus.sock")
+        assert cpus_only.get_json("/health") == {"status": "ok"}
+        assert cpus_only.get("/health?strict=true").status == 200
 
 
 def test_time(daemon):
@@ -2585,6 +2681,16 @@ def test_status_over_tcp_with_a_token(key_path, start):
     assert [row[0] for row in rows] == ["0", "1"] and rows[0][-3] == "123.5"
 
 
+@pytest.mark.skipif(not IS_ROOT, reason="needs root to start a daemon with cpu-read")
+def test_status_with_a_gpu_only_token_says_once_that_it_cannot_read_cpus(key_path, start):
+    daemon = start("--signing-key-path", key_path, "--enable", "gpu-read,cpu-read", mode="tcp")
+    status, out, err = status_cli("--tcp", "%s:%d" % daemon.address,
+                                  env={"ZEUSD_TOKEN": token(["gpu-read"])})
+    assert status == 0 and "NVIDIA A40" in out and "package-0" not in out, (out, err)
+    assert "403" not in out + err
+    assert len([line for line in (out + err).splitlines() if "cpu-read" in line]) == 1, out + err
+
+
 def test_status_finds_the_socket_through_zeusd_sock_path(start):
     daemon = start("--enable", "gpu-read")
     status, out, err = status_cli(env={"ZEUSD_SOCK_PATH": daemon.socket_path})
@@ -2697,6 +2803,40 @@ def test_status_bounds_what_a_server_may_send_and_how_long_it_may_take(answer, f
     assert status == 1 and fragment in err and err.count("\n") == 1 and seconds < 3
 
 
+ONE_GPU = {"gpus": [{"id": 0, "name": "H100", "cumulative_energy_available": True}], "cpus": [],
+           "auth_required": False}
+ODD_SHAPES = {
+    "sessions as a number": {"/gpu/holds": {"0": {"uid": 1001, "user": None, "sessions": 4200}}},
+    "sessions as an object": {"/gpu/holds": {"0": {"uid": 1001, "sessions": {"4200": 1}}}},
+    "power_mw as a list": {"/gpu/get_power": {"power_mw": [76000]}},
+    "energy as a number": {"/gpu/get_cumulative_energy": {"0": 123456}},
+    "a limit as a list": {"/gpu/get_power_limit": {"0": [300000]}},
+    "a GPU id outside Latin-1": {"/discover": dict(ONE_GPU, gpus=[{"id": "\u20ac"}])},
+    "a GPU id that is a lone surrogate": {"/discover": dict(ONE_GPU, gpus=[{"id": "\ud800"}])},
+    "GPUs that are not objects": {"/discover": dict(ONE_GPU, gpus=[0, "H100", None])},
+    "CPU power as a number": {"/discover": dict(ONE_GPU, cpus=[{"id": 0, "name": "package-0"}]),
+                              "/cpu/get_power": {"power_mw": {"0": 5}}},
+}
+
+
+@pytest.mark.parametrize("shape", sorted(ODD_SHAPES))
+def test_status_answers_odd_shapes_with_one_line_not_a_traceback(shape):
+    answers = {"/discover": ONE_GPU, "/gpu/get_power": {"power_mw": {"0": 76000}},
+               "/gpu/get_cumulative_energy": {"0": {"energy_mj": 5}},
+               "/gpu/get_power_limit": {"0": {"power_limit_mw": 300000}}, "/gpu/holds": {},
+               "/cpu/get_power": {"power_mw": {"0": {"cpu_mw": 1, "dram_mw": None}}},
+               "/cpu/get_cumulative_energy": {"0": {"cpu_energy_uj": 1,
+                                                    "dram_energy_uj": None}}}
+    answers.update(ODD_SHAPES[shape])
+    server = HostileServer(lambda path: http_answer(answers.get(path.split("?")[0], {})))
+    try:
+        status, out, err = status_cli("--tcp", server.address)
+    finally:
+        server.close()
+    assert (status, out) == (1, "") and err.count("\n") == 1, (status, out, err)
+    assert err.startswith("zeusd status: ") and "Traceback" not in err
+
+
 def ctrl_c_works():
     """Give a child the default SIGINT (a shell that runs the tests in the background ignores
     it, and Python then installs no KeyboardInterrupt for ^C)."""
@@ -2804,16 +2944,15 @@ def rapl_zone(tmp_path, start_uj, range_uj=1000):
     return zone, zeusd.RaplCounter(str(zone))
 
 
-def test_the_default_socket_directory_is_made_when_missing(tmp_path, monkeypatch):
+def test_the_default_socket_directory_is_made_when_missing(tmp_path):
     default = os.path.join(str(tmp_path), "run", "zeusd", "zeusd.sock")
     os.mkdir(os.path.join(str(tmp_path), "run"))
-    monkeypatch.setattr(zeusd, "DEFAULT_SOCKET_PATH", default)
-    zeusd.make_default_socket_directory(os.path.join(str(tmp_path), "other", "zeusd.sock"))
+    zeusd.make_default_directory(os.path.join(str(tmp_path), "other", "zeusd.sock"), default)
     assert not os.path.exists(os.path.join(str(tmp_path), "other"))
-    zeusd.make_default_socket_directory(default)
+    zeusd.make_default_directory(default, default)
     info = os.stat(os.path.dirname(default))
     assert stat.S_IMODE(info.st_mode) == 0o755 and info.st_uid == os.geteuid()
-    zeusd.make_default_socket_directory(default)  # already there: left as it is
+    zeusd.make_default_directory(default, default)  # already there: left as it is
 
 
 def test_rapl_counter_glitch_is_refused_not_a_wrap(tmp_path):
@@ -3267,6 +3406,56 @@ def test_pyjwt_interoperability(key_path, auth_daemon):
     assert auth_daemon.get("/gpu/get_power", token=other).status == 401
 
 
+def test_token_issue_admin_and_what_an_admin_claim_may_be(key_path, start):
+    status, out, err = issue_cli(key_path, "--user", "slurm", "--scope", "all", "--expires", "1h",
+                                 "--admin")
+    assert status == 0 and out.count("\n") == 1, err
+    payload = json.loads(base64.urlsafe_b64decode(out.split(".")[1] + "=="))
+    assert payload["admin"] is True and payload["sub"] == "slurm"
+    status, plain, _ = issue_cli(key_path, "--user", "alice", "--scope", "all", "--expires", "1h")
+    assert "admin" not in json.loads(base64.urlsafe_b64decode(plain.split(".")[1] + "=="))
+    daemon = start("--signing-key-path", key_path, "--enable", "gpu-read")
+    assert daemon.get_json("/auth/whoami", token=out.strip())["admin"] is True
+    assert "admin" not in daemon.get_json("/auth/whoami", token=plain.strip())
+    for claim in ("yes", 1, [True]):
+        odd = forge({"alg": "HS256", "typ": "JWT"}, {"sub": "slurm", "scopes": ["gpu-read"],
+                                                     "admin": claim})
+        assert error_of(daemon.get("/auth/whoami", token=odd), 401).startswith(
+            "Invalid token: "), claim
+    not_admin = forge({"alg": "HS256", "typ": "JWT"}, {"sub": "alice", "scopes": [],
+                                                       "admin": False})
+    assert daemon.get("/auth/whoami", token=not_admin).status == 200
+
+
+def test_a_flood_of_distinct_tokens_does_not_grow_the_daemon(key_path, start):
+    """Tokens over the 8 KiB limit are refused without being kept, and the verification cache
+    is bounded in bytes: thousands of distinct 60 KB and 8 KB tokens leave memory as it was."""
+    daemon = start("--signing-key-path", key_path, "--enable", "gpu-read")
+    connection = daemon.connect()
+
+    def ask(tokens):
+        """Send the tokens pipelined, 50 at a time, on one connection; the statuses."""
+        statuses = []
+        for first in range(0, len(tokens), 50):
+            batch = tokens[first:first + 50]
+            connection.send(b"".join(b"GET /auth/whoami HTTP/1.1\r\nHost: x\r\n"
+                                     b"Authorization: Bearer %s\r\n\r\n" % value
+                                     for value in batch))
+            statuses.extend(connection.response().status for _ in batch)
+        return statuses
+
+    assert set(ask([b"warm.up.%06d" % n + b"a" * 8000 for n in range(100)])) == {401}
+    pid = daemon.process.pid
+    rss, hwm = proc_status(pid, "VmRSS"), proc_status(pid, "VmHWM")
+    assert set(ask([b"%06d." % n + b"a" * 60000 + b".b" for n in range(1000)])) == {401}
+    assert set(ask([b"%06d." % n + b"a" * 8000 + b".b" for n in range(4000)])) == {401}
+    grown = (proc_status(pid, "VmRSS") - rss, proc_status(pid, "VmHWM") - hwm)
+    assert max(grown) < 20 * 1024, "grew by %d kB (VmRSS) and %d kB (VmHWM)" % grown
+    assert connection.request("GET", "/auth/whoami",
+                              {"Authorization": "Bearer " + token([])}).status == 200
+    connection.close()
+
+
 # ---- Bounded waits, fair share, bounded overrides, logs under volume, small files ----
 
 def connect_from(daemon, source):
@@ -3277,6 +3466,19 @@ def connect_from(daemon, source):
     return Connection(sock)
 
 
+def address_beyond_loopback():
+    """An IPv4 address of this host outside 127.0.0.0/8, or None."""
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        probe.connect(("192.0.2.1", 9))  # a UDP connect only picks a route: nothing is sent
+        address = probe.getsockname()[0]
+    except OSError:
+        return None
+    finally:
+        probe.close()
+    return None if address.startswith("127.") else address
+
+
 def test_one_client_cannot_take_every_connection(start):
     daemon = start("--enable", "gpu-read", "--max-connections", "8", mode="tcp")
     streams = [EventStream(connect_from(daemon, "127.0.0.1"), "/gpu/stream_power")
@@ -3284,13 +3486,32 @@ def test_one_client_cannot_take_every_connection(start):
     assert all(stream.status == 200 for stream in streams)
     extra = connect_from(daemon, "127.0.0.1").request("GET", "/discover")
     assert error_of(extra, 503) == "Too many connections from this client"
-    other = connect_from(daemon, "127.0.0.2")
-    assert other.request("GET", "/discover").status == 200
+    other = address_beyond_loopback()
+    if other is not None:  # another address of this host is another client
+        assert connect_from(daemon, other).request("GET", "/discover").status == 200
     for stream in streams:
         stream.close()
     wait_for(lambda: connect_from(daemon, "127.0.0.1").request("GET", "/time").status == 200,
              "the client's connections to be released")
     assert "--max-connections-per-client" in daemon.log()
+
+
+def test_every_loopback_address_is_one_client(start):
+    """127.0.0.2 … 127.0.0.7 are the same client as 127.0.0.1: one local user cannot take more
+    than one share by binding other loopback addresses."""
+    daemon = start("--enable", "gpu-read", "--max-connections", "40",
+                   "--max-connections-per-client", "3", mode="tcp")
+    streams = [EventStream(connect_from(daemon, "127.0.0.%d" % n), "/gpu/stream_power")
+               for n in (1, 2, 3)]
+    assert all(stream.status == 200 for stream in streams)
+    for n in range(4, 8):
+        extra = connect_from(daemon, "127.0.0.%d" % n).request("GET", "/discover")
+        assert error_of(extra, 503) == "Too many connections from this client", n
+    other = address_beyond_loopback()
+    if other is not None:  # an address of this host outside 127.0.0.0/8: another client
+        assert connect_from(daemon, other).request("GET", "/discover").status == 200
+    for stream in streams:
+        stream.close()
 
 
 @pytest.mark.skipif(not IS_ROOT, reason="needs root to connect as another uid")
@@ -3553,6 +3774,115 @@ def restored_within(daemon, node, since, count=1, seconds=2.0):
     took = time.monotonic() - since
     assert took < seconds, took
     return took
+
+
+SET_1_PATH = "/gpu/set_power_limit?gpu_ids=1&power_limit_mw=200000&block=true"
+SAVED = {"power_limit_mw": 250000, "persistence_mode": False, "gpu_locked_clocks": "reset",
+         "mem_locked_clocks": "reset"}
+
+
+def hold_record(daemon, sessions, uid=1001, user=None, hold_id="0123456789abcdef"):
+    """A hold as the state file records it: made by daemon ([pid, start time]) for sessions."""
+    return {"id": hold_id, "uid": uid, "user": user, "exp": None, "sessions": sessions,
+            "since_ms": 1, "daemon": daemon, "saved": dict(SAVED)}
+
+
+def write_state_file(node, holds, separators=None):
+    """holds.json as a daemon of the node leaves it (directory 0700, file 0600); its path."""
+    state = os.path.join(node.root, "state")
+    if not os.path.isdir(state):
+        os.mkdir(state, 0o700)
+    path = os.path.join(state, "holds.json")
+    with open(path, "w") as holds_file:
+        json.dump({"holds": holds}, holds_file, separators=separators)
+    os.chmod(path, 0o600)
+    return path
+
+
+def this_process():
+    """[pid, start time] of this process: a daemon still running, as a hold's record sees it."""
+    with open("/proc/self/stat") as stat_file:
+        return [os.getpid(), int(stat_file.read().rpartition(")")[2].split()[19])]
+
+
+def moved_aside(node):
+    return [name for name in os.listdir(os.path.join(node.root, "state"))
+            if name.startswith("holds.json.bad-")]
+
+
+def restore_begun(node, gpu):
+    """Wait until the restore of a GPU has called its (slow) power limit setter."""
+    wait_for(lambda: ("nvmlDeviceSetPowerManagementLimit", gpu, "300000") in setters(node, gpu),
+             "the restore of GPU %s to begin" % gpu)
+
+
+def error_lines(daemon):
+    return [line for line in daemon.log().splitlines() if " ERROR " in line]
+
+
+MANY_SESSIONS = r'''
+"""Leads sessions of its own, one after the other, each sending one request over the socket
+and printing its answer as a JSON line; all stay until stdin closes."""
+import json, os, socket, sys
+path, count, request = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+method, target = request.split(" ", 1)
+for _ in range(count):
+    read_end, write_end = os.pipe()
+    if os.fork() == 0:
+        os.close(read_end)
+        os.setsid()
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(path)
+        s.sendall(("%s %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                   % (method, target)).encode())
+        data = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        os.write(write_end, json.dumps([int(head.split()[1]), body.decode()]).encode())
+        os.close(write_end)
+        sys.stdin.read()
+        os._exit(0)
+    os.close(write_end)
+    answer = b""
+    while True:
+        chunk = os.read(read_end, 65536)
+        if not chunk:
+            break
+        answer += chunk
+    os.close(read_end)
+    print(answer.decode(), flush=True)
+sys.stdin.read()
+'''
+
+
+def may_choose_pids():
+    """Whether this process may set the next pid (/proc/sys/kernel/ns_last_pid)."""
+    if not IS_ROOT:
+        return False
+    try:
+        with open("/proc/sys/kernel/ns_last_pid", "r+") as last:
+            last.write(last.read().strip())
+        return True
+    except OSError:
+        return False
+
+
+def start_with_pid(pid, argv, **options):
+    """argv started as a process that gets pid (free now), through ns_last_pid; None if other
+    processes took it first every time."""
+    for _ in range(50):
+        with open("/proc/sys/kernel/ns_last_pid", "w") as last:
+            last.write(str(pid - 1))
+        process = subprocess.Popen(argv, **options)
+        if process.pid == pid:
+            return process
+        process.kill()
+        process.wait()
+    return None
 
 
 @pytest.fixture
@@ -3843,6 +4173,8 @@ def test_a_daemon_that_cannot_see_its_clients_sessions_is_refused(node, start):
     assert "/proc is mounted with hidepid=invisible and the daemon lacks CAP_SYS_PTRACE: it " \
            "cannot see its clients' sessions, so every GPU hold would be restored as soon as " \
            "it is made." in daemon.log()
+    fix = daemon.log().split("as soon as it is made.")[1].splitlines()[0]
+    assert "CAP_SYS_PTRACE" in fix and "ProtectProc=default" not in daemon.log(), fix
     for prefix, args, mode in ((hidden_proc, (), "uds"),
                                (hidden_proc + without_ptrace, ("--no-restore",), "uds"),
                                (hidden_proc + without_ptrace, (), "tcp")):
@@ -3939,7 +4271,277 @@ def test_status_shows_who_holds_each_gpu(node, start):
     client.end()
 
 
-# ---- Last: the clients that the shared and the hung daemon have held since they started ----
+@pytest.mark.skipif(not IS_ROOT, reason="needs root to start a daemon with gpu-control")
+def test_a_token_users_hold_lasts_until_its_latest_expiry_however_far(node, key_path, start):
+    """Tokens for 30 days and for a year (past what poll() takes in ms) never stop the watcher,
+    and a user's hold lasts until the latest expiry of the tokens that changed the GPU: alice's
+    30-day hold outlives her 2 s token, carol's 2 s token is renewed by her year's; bob's 2 s
+    token alone ends his hold when it expires."""
+    daemon = start("--signing-key-path", key_path, "--enable", "gpu-control,gpu-read",
+                   mode="tcp")
+    now = int(time.time())
+    expires = now + 2
+    alice = token(["gpu-control", "gpu-read"], exp=now + 30 * 86400)
+    changes = [(0, alice), (0, token(["gpu-control"], exp=expires)),
+               (2, token(["gpu-control"], exp=expires, sub="carol")),
+               (2, token(["gpu-control"], exp=now + 366 * 86400, sub="carol")),
+               (1, token(["gpu-control"], exp=expires, sub="bob"))]
+    for limit, (gpu, holder) in enumerate(changes):
+        assert daemon.post("/gpu/set_power_limit?gpu_ids=%d&power_limit_mw=%d&block=true"
+                           % (gpu, 200000 + limit * 10000), token=holder).status == 200
+    wait_for(lambda: "restore gpu=1 power_limit_mw=300000 persistence=1 clocks=reset "
+                     "reason=token-expired: ok" in daemon.log(), "bob's token to expire",
+             timeout=expires - time.time() + 4)
+    assert not happens_within(lambda: daemon.log().count("audit: restore") > 1, 1.0)
+    holds = daemon.get_json("/gpu/holds", token=alice)
+    assert sorted(holds) == ["0", "2"] and (holds["0"]["user"], holds["2"]["user"]) == (
+        "alice", "carol")
+    assert holds["0"]["saved"]["power_limit_mw"] == holds["2"]["saved"]["power_limit_mw"] == \
+        300000
+    assert "Traceback" not in daemon.log()
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="needs root to run clients as two other uids")
+def test_a_gpu_being_restored_is_409_through_every_daemon_of_the_node(node, start, public):
+    """Two daemons on one state directory: while the first restores GPU 1 (a slow setter),
+    another uid's change of it is 409 through either daemon, and changes nothing."""
+    first = start("--enable", "gpu-control,gpu-read", socket_name=public)
+    second_path = os.path.join(os.path.dirname(public), "second.sock")
+    second = start("--enable", "gpu-control,gpu-read", socket_name=second_path)
+    alice = Client(public, "POST " + SET_1_PATH, uid=1001)
+    assert alice.answers == [[200, ""]]
+    node.update(delay={"nvmlDeviceSetPowerManagementLimit": {"1": 2.5}})
+    alice.end()
+    restore_begun(node, "1")
+    bobs = [Client(path, "POST " + SET_1_PATH, uid=1002) for path in (second_path, public)]
+    for bob in bobs:
+        assert one_error(*bob.answers[0], status=409).startswith("GPU 1 is being restored")
+    assert "audit: restore gpu=1" not in first.log()  # the restore was under way all along
+    wait_for(lambda: "restore gpu=1 power_limit_mw=300000 persistence=1 clocks=reset "
+                     "reason=session-ended: ok" in first.log(), "the slow restore")
+    assert setters(node, "1").count(("nvmlDeviceSetPowerManagementLimit", "1", "200000")) == 1
+    assert first.get_json("/gpu/holds") == {} and second.get_json("/gpu/holds") == {}
+    for bob in bobs:
+        bob.end()
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="needs root to start daemons with gpu-control")
+def test_sigusr2_stops_the_daemon_and_leaves_its_holds_to_the_next(node, start):
+    first = start("--enable", "gpu-control,gpu-read")
+    living = Client(first.socket_path, SET_0)
+    gone = Client(first.socket_path, "POST /gpu/set_persistence_mode?gpu_ids=1&enabled=false&"
+                  "block=true")
+    before = len(node.calls(*POWER_SETTERS))
+    stopping = time.monotonic()
+    first.process.send_signal(signal.SIGUSR2)
+    assert first.wait_exit() == 0 and time.monotonic() - stopping < 3
+    assert not os.path.exists(first.socket_path)
+    assert "audit: restore" not in first.log() and len(node.calls(*POWER_SETTERS)) == before
+    assert sorted(state_file(node)) == ["0", "1"]
+    gone.end()
+    second = start("--enable", "gpu-control,gpu-read")
+    wait_for(lambda: "restore gpu=1 power_limit_mw=300000 persistence=1 clocks=reset "
+                     "reason=owner-gone: ok" in second.log(), "the gone owner's restore")
+    holds = second.get_json("/gpu/holds")
+    assert list(holds) == ["0"] and holds["0"]["sessions"] == [living.pid]
+    assert "audit: restore gpu=0" not in second.log()
+    restored_within(second, node, living.end(), count=2)
+    assert "restore gpu=0 power_limit_mw=300000 persistence=1 clocks=reset " \
+           "reason=session-ended: ok" in second.log()
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="needs root to start daemons with gpu-control")
+def test_a_hold_of_a_gpu_this_daemon_does_not_have_is_kept(node, start):
+    """A hold for GPU 7 (a GPU that fell off the bus, another node's file), left by a daemon
+    that is gone: kept in the file, one ERROR line, and the daemon starts and restarts."""
+    gone = [os.getpid(), 1]
+    write_state_file(node, {"7": hold_record(gone, [gone])})
+    for _ in range(2):
+        daemon = start("--enable", "gpu-control,gpu-read")
+        assert daemon.get_json("/discover")["gpu_ids"] == [0, 1, 2]
+        wait_for(lambda: error_lines(daemon), "the ERROR line")
+        assert daemon.post(SET_0_PATH).status == 200  # the watcher looks at the holds again
+        assert daemon.post("/gpu/release").status == 200
+        assert daemon.log().count("reason=released: ok") == 1
+        assert len(error_lines(daemon)) == 1 and "GPU 7" in error_lines(daemon)[0]
+        assert "Traceback" not in daemon.log()
+        assert state_file(node)["7"]["saved"] == SAVED and state_file(node)["7"]["uid"] == 1001
+        daemon.process.send_signal(signal.SIGTERM)
+        assert daemon.wait_exit() == 0
+        assert "7" in state_file(node)
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="needs root to run clients as three other uids")
+def test_one_hold_records_at_most_64_sessions(node, start, public):
+    """A 65th session of a uid is 409, and nothing it does moves the state file aside: another
+    uid's hold stays whole."""
+    start("--enable", "gpu-control,gpu-read", socket_name=public)
+    bob = Client(public, "POST " + SET_1_PATH, uid=1002)
+    assert bob.answers == [[200, ""]]
+    sessions = subprocess.Popen([unprivileged_python(), "-c", MANY_SESSIONS, public, "65", SET_0],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                preexec_fn=as_uid(1001))
+    try:
+        answers = [json.loads(sessions.stdout.readline().decode()) for _ in range(65)]
+        assert answers[:64] == [[200, ""]] * 64
+        assert "64 sessions" in one_error(*answers[64], status=409)
+        holds = state_file(node)
+        assert len(holds["0"]["sessions"]) == 64 and holds["0"]["uid"] == 1001
+        assert holds["1"]["uid"] == 1002 and holds["1"]["sessions"][0][0] == bob.pid
+        assert moved_aside(node) == []
+        carol = Client(public, "POST " + SET_1_PATH, uid=1003)
+        assert one_error(*carol.answers[0], status=409).startswith("GPU 1 is held by uid 1002")
+        carol.end()
+    finally:
+        sessions.stdin.close()
+        sessions.wait(TIMEOUT)
+    bob.end()
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="needs root to start a daemon with gpu-control")
+def test_a_change_whose_record_would_pass_1_mib_is_503(node, start):
+    """A state file just under 1 MiB (holds of GPUs on no daemon's list, recorded by a daemon
+    that runs: this test) is read back, and a change that would add a hold to it is 503;
+    the file is never moved aside."""
+    holds, live = {}, this_process()
+    for gpu in range(100, 104):
+        holds[str(gpu)] = hold_record(live, [live], user="u" * 260000, hold_id="%016x" % gpu)
+    compact = (",", ":")
+    size = len(json.dumps({"holds": holds}, separators=compact))
+    holds["103"]["user"] += "u" * (1024 * 1024 - 8 - size)
+    path = write_state_file(node, holds, separators=compact)
+    assert os.path.getsize(path) == 1024 * 1024 - 8
+    with open(path, "rb") as holds_file:
+        written = holds_file.read()
+    daemon = start("--enable", "gpu-control,gpu-read")
+    response = daemon.post(SET_0_PATH)
+    assert "the node's hold record is full" in one_error(response.status, response.body,
+                                                         status=503)
+    assert setters(node, "0") == [] and moved_aside(node) == []
+    with open(path, "rb") as holds_file:
+        assert holds_file.read() == written
+    assert daemon.get_json("/gpu/holds") == {}
+    assert "Traceback" not in daemon.log()
+
+
+@pytest.mark.skipif(not MAY_UNSHARE or not shutil.which("nsenter"),
+                    reason="needs root that may unshare a mount namespace, and nsenter")
+def test_a_state_file_that_cannot_be_written_when_a_restore_ends_stops_nothing(node, start):
+    """The state directory turns read-only (in the daemon's own mount namespace) while a
+    restore runs: an ERROR line, the GPU's worker goes on, and the watcher ends the hold once
+    the directory is writable again."""
+    state = os.path.join(node.root, "state")
+    daemon = start("--enable", "gpu-control,gpu-read", prefix=["unshare", "--mount"])
+    in_its_mounts = ["nsenter", "-t", str(daemon.process.pid), "-m", "--"]
+    client = Client(daemon.socket_path, SET_0)
+    node.update(delay={"nvmlDeviceSetPowerManagementLimit": {"0": 1.5}})
+    client.end()
+    restore_begun(node, "0")
+    subprocess.check_call(in_its_mounts + ["sh", "-c", 'mount --bind "$0" "$0" && '
+                                           'mount -o remount,bind,ro "$0"', state])
+    wait_for(lambda: "reason=session-ended" in daemon.log(), "the restore's audit line")
+    wait_for(lambda: any("Read-only file system" in line for line in error_lines(daemon)),
+             "an ERROR line naming the failed write")
+    assert series(scrape(daemon), "zeusd_state_file_write_errors_total") >= 1
+    assert "0" in state_file(node)
+    subprocess.check_call(in_its_mounts + ["umount", state])
+    node.update(delay={})
+    wait_for(lambda: "0" not in state_file(node), "the watcher to end the hold")
+    assert daemon.get_json("/gpu/holds") == {}
+    response, seconds = timed(daemon.post, SET_0_PATH)
+    assert response.status == 200 and seconds < 5, (response, seconds)
+    assert "Traceback" not in daemon.log()
+
+
+@pytest.mark.skipif(not may_choose_pids() or not unprivileged_python(),
+                    reason="needs root that may write /proc/sys/kernel/ns_last_pid, and a "
+                           "Python an unprivileged user can run")
+def test_a_process_that_took_the_callers_pid_is_not_the_owner(node, start, public):
+    """A connection made by a process that then exits, whose pid a process of another uid in a
+    session of its own gets: a change sent on it is a gone caller's, restored at once, never
+    held as long as the newcomer's session lives."""
+    daemon = start("--enable", "gpu-control,gpu-read", socket_name=public)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    connecter = subprocess.Popen(
+        [unprivileged_python(), "-c", "import socket, sys\n"
+         "socket.socket(fileno=int(sys.argv[2])).connect(sys.argv[1])", public,
+         str(sock.fileno())], pass_fds=[sock.fileno()], preexec_fn=as_uid(1001))
+    assert connecter.wait(TIMEOUT) == 0
+    connection = Connection(sock)
+    assert connection.request("GET", "/time").status == 200  # the daemon has accepted it
+    impostor = start_with_pid(connecter.pid, ["sleep", "30"], start_new_session=True,
+                              preexec_fn=as_uid(1002))
+    if impostor is None:
+        pytest.skip("could not give pid %d to a new process" % connecter.pid)
+    try:
+        sent = time.monotonic()
+        assert connection.request("POST", SET_0_PATH).status == 200
+        restored_within(daemon, node, sent)
+        assert "restore gpu=0 power_limit_mw=300000 persistence=1 clocks=reset " \
+               "reason=session-ended: ok" in daemon.log()
+        assert daemon.get_json("/gpu/holds") == {} and impostor.poll() is None
+    finally:
+        connection.close()
+        impostor.kill()
+        impostor.wait()
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="needs root to start a daemon with gpu-control")
+def test_an_admin_token_changes_and_releases_any_hold(node, key_path, start):
+    daemon = start("--signing-key-path", key_path, "--enable", "gpu-control,gpu-read",
+                   mode="tcp")
+    alice = token(["gpu-control", "gpu-read"])
+    claims = {"sub": "slurm", "scopes": ["gpu-control", "gpu-read"],
+              "exp": int(time.time()) + 3600, "admin": True}
+    admin = forge({"alg": "HS256", "typ": "JWT"}, claims)
+    admin_of_gpu_0 = forge({"alg": "HS256", "typ": "JWT"}, dict(claims, gpus=[0]))
+    assert daemon.post(SET_0_PATH, token=alice).status == 200
+    assert daemon.post("/gpu/set_power_limit?gpu_ids=2&power_limit_mw=200000&block=true",
+                       token=alice).status == 200
+    change = "/gpu/set_power_limit?gpu_ids=0&power_limit_mw=250000&block=true"
+    assert error_of(daemon.post(change, token=token(["gpu-control"], sub="bob")), 409)
+    assert daemon.post(change, token=admin).status == 200  # the hold stays alice's
+    assert setters(node)[-1] == ("nvmlDeviceSetPowerManagementLimit", "0", "250000")
+    holds = daemon.get_json("/gpu/holds", token=alice)
+    assert holds["0"]["user"] == "alice" and holds["0"]["saved"]["power_limit_mw"] == 300000
+    assert daemon.post("/gpu/release?gpu_ids=0", token=admin).status == 200
+    assert "restore gpu=0 power_limit_mw=300000 persistence=1 clocks=reset " \
+           "reason=released: ok" in daemon.log()
+    assert error_of(daemon.post("/gpu/release?gpu_ids=2", token=admin_of_gpu_0), 403)
+    assert daemon.post("/gpu/release", token=admin_of_gpu_0).status == 200  # within its GPUs
+    assert list(daemon.get_json("/gpu/holds", token=alice)) == ["2"]
+    assert daemon.post("/gpu/release", token=admin).status == 200
+    assert daemon.get_json("/gpu/holds", token=alice) == {}
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="needs root to run clients as two other uids")
+def test_zeusd_release_ends_the_callers_holds(node, start, public):
+    daemon = start("--enable", "gpu-control,gpu-read", socket_name=public)
+    alice = Client(public, SET_0, uid=1001)
+    with unprivileged_checkout() as (python, root, _, script):
+        open_to_everyone(root)
+
+        def release(uid, *args, **env):
+            result = subprocess.run([python, script, "release"] + list(args),
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    preexec_fn=as_uid(uid), timeout=TIMEOUT,
+                                    env=dict(os.environ, **env))
+            return result.returncode, result.stdout.decode(), result.stderr.decode()
+        status, out, err = release(1002, "--socket-path", public, "--gpus", "0")
+        assert (status, out) == (1, "") and err.count("\n") == 1
+        assert "GPU 0 is held by uid 1001" in err
+        status, out, err = release(1001, "--socket-path", os.path.join(root, "nothing.sock"))
+        assert (status, out) == (1, "") and err.count("\n") == 1
+        assert daemon.log().count("audit: restore") == 0
+        status, out, err = release(1001, "--gpus", "0", ZEUSD_SOCK_PATH=public)
+    assert status == 0 and err == "" and any("GPU 0" in line for line in out.splitlines())
+    assert "restore gpu=0 power_limit_mw=300000 persistence=1 clocks=reset " \
+           "reason=released: ok" in daemon.log()
+    assert daemon.get_json("/gpu/holds") == {}
+    alice.end()
+
+# ---- Last: the clients that the shared and the hung daemon have held since they started, and
+# the stopping daemon's end ----
 
 def test_a_hung_gpu_answers_within_the_limits(hung):
     node, daemon = hung
@@ -3957,6 +4559,16 @@ def test_a_hung_gpu_answers_within_the_limits(hung):
         "GPU 0 did not finish set_power_limit within 10 s")
     assert 9.9 < seconds < 11.5
     wait_for(lambda: daemon.threads() == IDLE_THREADS, "only the hung read's thread left")
+    assert "Traceback" not in daemon.log()
+
+
+def test_sigterm_while_a_restore_hangs_waits_its_bound_and_leaves_the_hold(stopping):
+    node, daemon = stopping
+    status, seconds = daemon.exited()
+    assert status == 0 and 5 < seconds < 14, (status, seconds)  # the 10 s bound, not the hang
+    left = [line for line in error_lines(daemon) if "GPU 0" in line]
+    assert any("next daemon" in line for line in left), daemon.log()
+    assert "0" in state_file(node)
     assert "Traceback" not in daemon.log()
 
 

@@ -2161,6 +2161,8 @@ Owner = collections.namedtuple("Owner", "uid user session exp admin")
 Owner.__new__.__defaults__ = (False,)
 UNSEEN_SESSION = [0, 0]  # the session of a caller the daemon cannot see (another PID namespace)
 MAX_ANCESTORS = 4096  # how far up session_of climbs (pids get reused while it climbs)
+CLOCK_BOOTTIME = getattr(time, "CLOCK_BOOTTIME", 7)  # Linux's; time has the name from 3.7
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def stat_fields(pid):
@@ -2181,18 +2183,24 @@ def process_start(pid):
     return int(fields[19])
 
 
-def session_of(pid, start=None):
+def boot_ticks():
+    """Now, in the clock ticks since boot that /proc/<pid>/stat gives start times in."""
+    return int(time.clock_gettime(CLOCK_BOOTTIME) * CLOCK_TICKS)
+
+
+def session_of(pid, connected=None):
     """[leader pid, leader start time] of a process's login session. The start time tells a
     session from a later one whose leader got the same pid. A session begun outside the
     daemon's PID namespace (its id reads 0 here, `nsenter`, `docker exec`) is led by the process
     that entered the namespace: the caller's topmost ancestor here. UNSEEN_SESSION for a
-    caller outside the namespace (pid 0); an ended session for one already gone, or (given the
-    caller's start time at connect) for a process that got its pid since (pid reuse)."""
+    caller outside the namespace (pid 0); an ended session for one already gone, or for a
+    process that started after its connection did (connected, in boot_ticks(): it got the
+    caller's pid since, and is not the caller)."""
     if not pid:
         return list(UNSEEN_SESSION)
     fields = stat_fields(pid)
-    if not fields or len(fields) < 20 or start is not None and (
-            fields[0] in (b"Z", b"X") or int(fields[19]) != start):
+    if not fields or len(fields) < 20 or connected is not None and (
+            fields[0] in (b"Z", b"X") or int(fields[19]) > connected):
         return [pid, 0]
     leader = int(fields[3])
     if leader == 0:
@@ -4020,7 +4028,7 @@ class Api:
         over TCP the token's user (until it expires); None (unowned) over TCP without auth."""
         caller = request.caller
         if caller.uid is not None:
-            return Owner(caller.uid, None, session_of(caller.pid, caller.start), None)
+            return Owner(caller.uid, None, session_of(caller.pid, caller.connected), None)
         if claims is not None:
             return Owner(None, claims.sub, None, claims.exp, claims.admin)
         return None
@@ -4744,20 +4752,20 @@ class RequestReader:
 
 class Caller:
     """Who sent a request, as data for the API: `peer` as logged (`ip:port`, `uid=U pid=P`),
-    the peer's uid and pid over a Unix socket (SO_PEERCRED; None over TCP) with the start
-    time of that process as the connection began (a later process with its pid is not the
-    caller), and whether it is still connected."""
+    the peer's uid, gid and pid over a Unix socket (SO_PEERCRED; None over TCP) and when the
+    connection began (a process started later that has the pid is not the caller), and
+    whether it is still connected."""
 
-    __slots__ = ("peer", "uid", "gid", "pid", "start", "sock", "abandon")
+    __slots__ = ("peer", "uid", "gid", "pid", "connected", "sock", "abandon")
     GONE = select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", 0x2000)
 
     def __init__(self, sock, address, abandon=None):
         self.sock = sock
         self.abandon = abandon  # (device, DeviceError): answer from elsewhere, see BoundedCalls
-        self.uid = self.gid = self.pid = self.start = None
+        self.uid = self.gid = self.pid = self.connected = None
         if sock.family == socket.AF_UNIX:
             self.pid, self.uid, self.gid = address if address else (None, None, None)
-            self.start = process_start(self.pid) if self.pid else None
+            self.connected = boot_ticks()
             self.peer = "unix" if self.uid is None else "uid=%d pid=%d" % (self.uid, self.pid)
         else:
             self.peer = "%s:%d" % (bracketed(address[0]), address[1])
@@ -5580,9 +5588,11 @@ def node_status(client, streams=None):
     that failed or a stream that is lost), else from one get_power each."""
     deadline = time.monotonic() + client.timeout
     discovery, notes = client.get("/discover", deadline), []
-    gpus = [gpu for gpu in listed(discovery.get("gpus")) if isinstance(gpu, dict)]
-    cpus = [cpu for cpu in listed(discovery.get("cpus")) if isinstance(cpu, dict)]
+    gpus, cpus = listed(discovery.get("gpus")), listed(discovery.get("cpus"))
     for device in gpus + cpus:
+        if not isinstance(device, dict):
+            raise StatusError("the daemon at %s listed a device that is not a JSON object"
+                              % client.where)
         if type(device.get("id")) is not int or not 0 <= device["id"] <= U32_MAX:
             raise StatusError("the daemon at %s named a device %s, which is not a device index"
                               % (client.where, printable(json.dumps(device.get("id")), 40)))
