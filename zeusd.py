@@ -4537,8 +4537,87 @@ TOO_MANY_FROM_CLIENT = reply_bytes(Reply(503, error_body("Too many connections f
                                    CLOSE)
 
 
+# Request lines and header lines seen before (each valid, at most MAX_KNOWN_LINE bytes), as
+# parse_head reads them: a head made of lines met before, in any order or combination (a
+# tracing header that differs each time among lines that do not, a new connection of a client
+# that has been here before), is read in a dictionary lookup per line. At most MAX_KNOWN lines
+# each (emptied when full): within a few hundred KB whatever clients send.
+KNOWN_REQUEST_LINES = {}  # request line -> (method, path, query, version)
+KNOWN_FIELDS = {}  # header line -> (lowercase name, value trimmed of spaces and tabs)
+MAX_KNOWN = 512
+MAX_KNOWN_LINE = 512
+FIELD_LINE = re.compile(HEADER_LINE_PATTERN)
+
+
 def parse_head(head, caller=None):
-    """A Request from a head (request line and header lines, without the empty line)."""
+    """A Request from a head (request line and header lines, without the empty line).
+
+    A head of CRLF lines each valid (every line already known, or checked here) is read line
+    by line; anything else, malformed heads included, takes parse_head_in_full, whose answer
+    (a Request or the error of its first fault) is the same for every head."""
+    lines = (head + b"\n").split(b"\r\n")
+    if lines.pop() or len(lines) > MAX_HEADER_LINES + 1:
+        return parse_head_in_full(head, caller)
+    line = lines.pop(0)
+    first = KNOWN_REQUEST_LINES.get(line)
+    if first is None:
+        first = known_request_line(line)
+        if first is None:
+            return parse_head_in_full(head, caller)
+    headers, known = {}, KNOWN_FIELDS
+    for line in lines:
+        field = known.get(line)
+        if field is None:
+            field = known_field(line)
+            if field is None:
+                return parse_head_in_full(head, caller)
+        name, value = field
+        if name not in headers:
+            headers[name] = value
+        elif name == "content-length":
+            if headers[name] != value:
+                return parse_head_in_full(head, caller)
+        else:
+            headers[name] += ", " + value
+    return tuple.__new__(Request, first + (headers, caller))
+
+
+def known_request_line(line):
+    """(method, path, query, version) of a valid HTTP/1.x request line, now known; else None."""
+    match = REQUEST_LINE.fullmatch(line)
+    if match is None:
+        return None
+    method, target, version = match.groups()
+    if version != b"HTTP/1.1" and version != b"HTTP/1.0":
+        return None
+    target = target.decode("latin-1")
+    if target[0] == "/":
+        path, _, query = target.partition("?")
+    else:
+        path, query = split_target(target)
+    first = (method.decode("ascii"), path, query, version)
+    if len(line) <= MAX_KNOWN_LINE:
+        if len(KNOWN_REQUEST_LINES) >= MAX_KNOWN:
+            KNOWN_REQUEST_LINES.clear()
+        KNOWN_REQUEST_LINES[line] = first
+    return first
+
+
+def known_field(line):
+    """(lowercase name, trimmed value) of a valid header line, now known; else None."""
+    if FIELD_LINE.fullmatch(line) is None:
+        return None
+    name, _, value = line.partition(b":")
+    field = (name.decode("ascii").lower(), value.strip(b" \t").decode("latin-1"))
+    if len(line) <= MAX_KNOWN_LINE:
+        if len(KNOWN_FIELDS) >= MAX_KNOWN:
+            KNOWN_FIELDS.clear()
+        KNOWN_FIELDS[line] = field
+    return field
+
+
+def parse_head_in_full(head, caller=None):
+    """parse_head for any head: one match checks it whole, one more finds its fields."""
     text = head[:-1] if head.endswith(b"\r") else head
     if b"\r" in text:
         text = text.replace(b"\r\n", b"\n")
