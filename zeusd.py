@@ -4714,12 +4714,28 @@ class RequestReader:
         client asking again) is the same Request, not parsed again. The socket waits with the
         kernel's receive timeout: the idle one between requests, a request's remaining time
         while a request comes in pieces."""
-        head = self.read_head()
+        buffer = self.buffer
+        if not buffer:
+            try:
+                buffer = self.buffer = self.sock.recv(65536)
+            except BlockingIOError:
+                raise ConnectionClosed()
+            if not buffer:
+                raise ConnectionClosed()
+        end = buffer.find(b"\n\r\n")
+        if 0 < end < MAX_REQUEST_LINE and buffer[0] > 13 and \
+                buffer.find(b"\n\n", 0, end + 1) < 0:
+            # The usual case: a whole head, too short for any limit, ending at a CRLF line.
+            head, self.buffer = buffer[:end], buffer[end + 3:]
+        else:
+            head = self.read_head()
         last_head, request = self.last
         if head != last_head:
             request = parse_head(head, self.caller)
             self.last = (head, request)
-        self.drain_body(request.headers)
+        headers = request.headers
+        if "content-length" in headers or "transfer-encoding" in headers:
+            self.drain_body(headers)
         if self.deadline_set:
             set_receive_timeout(self.sock, IDLE_TIMEOUT_S)
             self.deadline_set = False
@@ -4749,12 +4765,6 @@ class RequestReader:
                 raise ConnectionClosed()
             if not buffer:
                 raise ConnectionClosed()
-        if len(buffer) <= MAX_REQUEST_LINE and buffer[:1] not in b"\r\n":
-            # The usual case: a whole head, too short for any limit, ending at a CRLF line.
-            end = buffer.find(b"\n\r\n")
-            if end >= 0 and buffer.find(b"\n\n", 0, end + 1) < 0:
-                self.buffer = buffer[end + 3:]
-                return buffer[:end]
         deadline = time.monotonic() + HEADER_TIMEOUT_S
         while True:
             buffer = self.buffer = self.buffer.lstrip(b"\r\n")
@@ -4887,6 +4897,26 @@ def linger(sock):
         pass
 
 
+def described(request):
+    """A request as its log line shows it: method, path and query, cut and escaped."""
+    return escape_unprintable("%s %s%s" % (request.method, shown(request.path),
+                                            "?" + shown(request.query) if request.query else ""))
+
+
+class RequestLine(list):
+    """A request's log line, [peer, user, Request, status, seconds, reason], formatted when
+    written (str): past RequestLines' rate most are counted, not written, and cost no
+    formatting. A list, not a tuple, so that `"%s" % line` formats it whole."""
+
+    __slots__ = ()
+
+    def __str__(self):
+        peer, user, request, status, seconds, reason = self
+        return "%s%s %s %d %.2fms%s" % (
+            peer, " user=" + escape_unprintable(user) if user else "", described(request), status,
+            seconds * 1000, ": " + escape_unprintable(reason) if reason else "")
+
+
 class HttpConnection(socketserver.BaseRequestHandler):
     """One client connection: reads requests in turn, has the API answer each, and writes each
     answer in one write (or streams it)."""
@@ -4936,26 +4966,30 @@ class HttpConnection(socketserver.BaseRequestHandler):
             self.prepare(request)
         started = time.monotonic()
         result, user = self.api.handle(request)
-        reason = None
         if result.__class__ is Stream:
             self.stream(result)
-            status, keep_alive = 200, False
+            status, keep_alive, reason = 200, False, None
         else:
-            reason, status, keep_alive = result.reason, result.status, self.keep_alive
-            self.sock.sendall(reply_bytes(result, self.connection, self.head_only))
+            status, keep_alive, reason = result.status, self.keep_alive, result.reason
+            body = result.body
+            if result.headers or self.head_only:
+                self.sock.sendall(reply_bytes(result, self.connection, self.head_only))
+            else:  # reply_bytes's usual reply, without its call
+                self.sock.sendall(b"%sContent-Length: %d\r\n%s\r\n%s" % (
+                    (JSON_HEADS if body else PLAIN_HEADS)[status], len(body), self.connection,
+                    body))
         key = (self.counted_path, status)
         self.counts[key] = self.counts.get(key, 0) + 1
         if self.log_requests:
-            REQUEST_LINES.write(status, "%s%s %s %d %.2fms%s" % (
-                self.peer, " user=" + escape_unprintable(user) if user else "", self.described,
-                status, (time.monotonic() - started) * 1000,
-                ": " + escape_unprintable(reason) if reason else ""))
+            REQUEST_LINES.write(status, RequestLine((
+                self.peer, user, self.request, status, time.monotonic() - started, reason)))
         return keep_alive
 
     def prepare(self, request):
         """What the answers to a request depend on besides the API's reply, worked out once for
         each new request (a keep-alive client repeating itself gets the same Request): whether
-        the connection stays open, the path it is counted under, and how it is logged."""
+        the connection stays open and the path it is counted under (its log line is made
+        only when written: RequestLine)."""
         self.request = request
         tokens = request.headers.get("connection")
         if request.version == b"HTTP/1.1":
@@ -4966,9 +5000,6 @@ class HttpConnection(socketserver.BaseRequestHandler):
             self.connection = KEEP_ALIVE if self.keep_alive else CLOSE
         self.head_only = request.method == "HEAD"
         self.counted_path = request.path if request.path in self.metrics.paths else "other"
-        self.described = escape_unprintable("%s %s%s" % (
-            request.method, shown(request.path),
-            "?" + shown(request.query) if request.query else ""))
 
     def count(self, path, status):
         """Count a request for /metrics, in this connection's own counts (no lock)."""
@@ -4990,7 +5021,7 @@ class HttpConnection(socketserver.BaseRequestHandler):
         self.count(self.counted_path, reply.status)
         if self.log_requests:
             REQUEST_LINES.write(reply.status, "%s %s %d: %s (answered for the thread left to "
-                                              "the device)" % (self.peer, self.described,
+                                              "the device)" % (self.peer, described(self.request),
                                                                reply.status, reply.reason))
 
     def stream(self, stream):
