@@ -4405,20 +4405,59 @@ RENDERINGS = {
 }
 
 
+class Sent:
+    """What a per-device stream has sent of its devices: their latest values, in ids order (None
+    before the first). Streams of the same devices that have sent the same values share one
+    Sent, so that a sample's events for all of them are made once (Sent.after)."""
+
+    __slots__ = ("ids", "values")
+
+    def __init__(self, ids, values):
+        self.ids = ids
+        self.values = values
+
+    def after(self, sample, render):
+        """(the Sent after this sample, the sample's events for it): one per device whose value
+        changed, in ids order; kept in the sample, so each is made once per sample."""
+        derived = sample.derived
+        step = derived.get(self)
+        if step is not None:
+            return step
+        values, last, events = sample.values, self.values, []
+        now = []
+        for index, sent in zip(self.ids, last):
+            value = values.get(index)
+            if value is not None and value != sent:
+                events.append(render.device_event(sample, index))
+                sent = value
+            now.append(sent)
+        if events:
+            key = (self.ids, tuple(now))
+            after = derived.get(key)
+            if after is None:
+                after = derived[key] = Sent(self.ids, key[1])
+            step = (after, b"".join(events))
+        else:
+            step = (self, b"")
+        derived[self] = step
+        return step
+
+
 class SseSubscriber:
     """An open SSE connection, a sampler's subscriber: its relays write to it without
     blocking, one event per sample (all-devices) or one per device and sample (per-device),
-    sent when a selected value changed."""
+    sent when a selected value changed; all of a sample's events for it in one write."""
 
     __slots__ = ("sock", "ids", "per_device", "render", "last_values", "last_write", "pending",
-                 "closed")
+                 "closed", "sent")
 
     def __init__(self, sock, ids, per_device, kind):
         self.sock = sock
         self.ids = ids
         self.per_device = per_device
         self.render = RENDERINGS[kind]
-        self.last_values = {} if per_device else None
+        self.last_values = None
+        self.sent = Sent(ids, (None,) * len(ids)) if per_device else None
         self.last_write = time.monotonic()
         self.pending = b""
         self.closed = False
@@ -4426,13 +4465,8 @@ class SseSubscriber:
     def events(self, sample):
         """The events that sample holds for this subscriber (b"" if none), as sent."""
         if self.per_device:
-            last, values, changed = self.last_values, sample.values, []
-            for index in self.ids:
-                value = values.get(index)
-                if value is not None and value != last.get(index):
-                    last[index] = value
-                    changed.append(self.render.device_event(sample, index))
-            return b"".join(changed)
+            self.sent, events = self.sent.after(sample, self.render)
+            return events
         values, _, event = self.render.power(sample, self.ids)
         if values == self.last_values or not event:
             return b""
@@ -4441,9 +4475,27 @@ class SseSubscriber:
 
     def deliver(self, sample, now):
         """Send the sample's events, else a keep-alive comment when one is due."""
-        data = self.events(sample)
+        if self.per_device:
+            step = sample.derived.get(self.sent)
+            if step is None:
+                step = self.sent.after(sample, self.render)
+            self.sent, data = step
+        else:
+            data = self.events(sample)
         if data:
-            self.write(data, now)
+            if self.pending:
+                self.write(data, now)
+                return
+            try:  # write, without its call, for a stream that is keeping up
+                sent = self.sock.send(data, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                self.close()
+                return
+            self.last_write = now
+            if sent < len(data):
+                self.pending = data[sent:]
         elif now - self.last_write >= KEEPALIVE_COMMENT_S:
             self.write(SSE_KEEPALIVE, now)
 
