@@ -4749,6 +4749,12 @@ def set_send_timeout(sock, seconds):
         "ll", int(seconds), int(seconds % 1 * 1000000)))
 
 
+# the timeouts every connection gets, packed once (SO_RCVTIMEO, SO_SNDTIMEO)
+IDLE_TIMEVAL = struct.pack("ll", int(IDLE_TIMEOUT_S), int(IDLE_TIMEOUT_S % 1 * 1000000))
+SEND_TIMEVAL = struct.pack("ll", int(STREAM_SEND_TIMEOUT_S),
+                           int(STREAM_SEND_TIMEOUT_S % 1 * 1000000))
+
+
 class RequestReader:
     """Reads requests off one connection: the head at its first empty line, then the body
     (Content-Length or chunked), discarded; HttpError for anything malformed or over a limit."""
@@ -4789,7 +4795,7 @@ class RequestReader:
         if "content-length" in headers or "transfer-encoding" in headers:
             self.drain_body(headers)
         if self.deadline_set:
-            set_receive_timeout(self.sock, IDLE_TIMEOUT_S)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, IDLE_TIMEVAL)
             self.deadline_set = False
         return request
 
@@ -4900,11 +4906,13 @@ class Caller:
     __slots__ = ("peer", "uid", "gid", "pid", "connected", "sock", "abandon")
     GONE = select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", 0x2000)
 
-    def __init__(self, sock, address, abandon=None):
+    def __init__(self, sock, address, abandon=None, unix=None):
         self.sock = sock
         self.abandon = abandon  # (device, DeviceError): answer from elsewhere, see BoundedCalls
         self.uid = self.gid = self.pid = self.connected = None
-        if sock.family == socket.AF_UNIX:
+        if unix is None:
+            unix = sock.family == socket.AF_UNIX
+        if unix:
             self.pid, self.uid, self.gid = address if address else (None, None, None)
             self.connected = boot_ticks()
             self.peer = "unix" if self.uid is None else "uid=%d pid=%d" % (self.uid, self.pid)
@@ -4979,7 +4987,8 @@ class HttpConnection(socketserver.BaseRequestHandler):
 
     def setup(self):
         sock = self.sock = self.request
-        self.caller = Caller(sock, self.client_address, self.abandon)
+        unix = self.server.address_family == socket.AF_UNIX  # sock.family costs 3 calls
+        self.caller = Caller(sock, self.client_address, self.abandon, unix)
         self.peer = self.caller.peer
         self.reader = RequestReader(sock, self.caller)
         self.api = self.server.api
@@ -4987,10 +4996,10 @@ class HttpConnection(socketserver.BaseRequestHandler):
         self.counts = self.metrics.connection_opened()
         self.log_requests = log.isEnabledFor(logging.INFO)
         self.request = None
-        if sock.family != socket.AF_UNIX:
+        if not unix:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        set_receive_timeout(sock, IDLE_TIMEOUT_S)
-        set_send_timeout(sock, STREAM_SEND_TIMEOUT_S)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, IDLE_TIMEVAL)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, SEND_TIMEVAL)
 
     def handle(self):
         try:
@@ -5264,7 +5273,7 @@ class ConnectionCap(socketserver.ThreadingMixIn):
 
     def client_of(self, request, client_address):
         """(the address the handler gets, the client's key for its fair share or None)."""
-        if request.family != socket.AF_UNIX:
+        if self.address_family != socket.AF_UNIX:  # request.family costs 3 calls
             return client_address, client_key(client_address[0])
         credentials = peer_credentials(request)
         return credentials, (credentials[1] if credentials and credentials[1] != 0 else None)
