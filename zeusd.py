@@ -937,6 +937,8 @@ class TomlReader:
                 if dotted in defined:
                     self.fail("table [%s] is defined twice" % dotted)
                 defined.add(dotted)
+                for end in range(1, len(names)):
+                    self.lines.setdefault(".".join(names[:end]), self.line())
                 self.lines[dotted] = self.line()
                 current = tables
                 for name in names:
@@ -1978,7 +1980,8 @@ class GpuControl:
 
 RECEIPTS_FILE = "receipts.jsonl"
 RECEIPTS_ROTATE_BYTES = 64 << 20  # past this the file becomes receipts.jsonl.1
-SLURM_JOB = re.compile(r"/job_(\d{1,20})(?=/|$)")
+MAX_RECEIPT_BYTES = 1 << 20  # a longer line is no receipt, and is skipped as it is read
+SLURM_JOB = re.compile(r"/job_([0-9]{1,20})(?=/|$)")
 SAVED_ORDER = ("power_limit_mw", "persistence_mode", "gpu_locked_clocks", "mem_locked_clocks")
 CHANGE_ORDER = ("t_ms", "op")
 
@@ -2137,8 +2140,11 @@ def receipt_lines(directory):
         with os.fdopen(fd, "rb") as opened:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise OSError(errno.EINVAL, "%s is not a regular file" % opened.name)
-            for line in opened:
-                yield line
+            too_long = False
+            for line in iter(lambda: opened.readline(MAX_RECEIPT_BYTES), b""):
+                if not too_long and line.endswith(b"\n"):
+                    yield line
+                too_long = not line.endswith(b"\n")  # the rest of a line past the bound
 
 
 # ---- Holds: who changed which GPU, the settings to put back, the state file of the node ----
@@ -2148,6 +2154,8 @@ HOLDS_LOCK = "holds.lock"
 WATCH_INTERVAL_S = 1.0  # how often session leaders are polled where pidfd_open is missing
 PIDFD_OPEN = getattr(os, "pidfd_open", None)  # Python 3.9 and Linux 5.3 or newer
 RESTORE_WAIT_S = 30.0  # how long a release waits for a GPU's restore
+RESTORE_POLL_S = 0.05  # how often a release looks whether another daemon's restore is done
+NEVER = threading.Event()  # waited on for a time, never set
 RESTORE_STOP_S = 2.0  # how long a stopping daemon waits for restores at least
 RESTORE_OPERATIONS = ("set_power_limit", "set_persistence_mode", "reset_locked_clocks")
 MAX_SESSIONS = 64  # sessions one hold records: a uid cannot grow the state file without bound
@@ -2722,18 +2730,34 @@ class Holds:
                     raise DeviceError("conflict", self.held_message(int(key), hold))
                 chosen.append(key)
             return [self.mark(holds, key, "released") for key in chosen]
-        with self.lock:
-            under_way = [job for gpu, job in self.running.items() if gpu in scope]
         jobs = self.store.update(change)
         self.run(jobs)
+        deadline = time.monotonic() + RESTORE_WAIT_S
         errors = {}
-        for job in jobs + under_way:
-            if not wait_until(job.done, time.monotonic() + RESTORE_WAIT_S, gone):
+        for job in jobs:
+            if not wait_until(job.done, deadline, gone):
                 errors[job.gpu] = DeviceError("timeout", "GPU %d did not finish its restore "
                                               "within %d s" % (job.gpu, RESTORE_WAIT_S))
-            elif job.error is not None and job in jobs:
+            elif job.error is not None:
                 errors[job.gpu] = job.error
+        self.wait_for_restores(scope, deadline, gone)
         return {job.gpu: job for job in jobs}, errors
+
+    def wait_for_restores(self, scope, deadline, gone):
+        """Wait (until deadline) for the restores of the GPUs of scope that are under way,
+        this daemon's or another's of the node, so that their receipts are on file."""
+        while time.monotonic() < deadline:
+            restoring = [int(key) for key, hold in self.store.current().items()
+                         if hold.restoring and int(key) in scope]
+            if not restoring:
+                return
+            with self.lock:
+                job = next((self.running[gpu] for gpu in restoring if gpu in self.running),
+                           None)
+            if job is not None:
+                wait_until(job.done, deadline, gone)
+            else:  # another daemon's restore: look again in a moment
+                wait_until(NEVER, min(deadline, time.monotonic() + RESTORE_POLL_S), gone)
 
     def mark(self, holds, key, reason):
         """Mark a hold as being restored, this daemon doing it; its RestoreJob."""
@@ -3565,9 +3589,10 @@ class Access:
             user = None  # a token's sub that no table could name
         return policy.grant(user, groups, principal.uid is None), True
 
-    def check_policy(self, principal, operation, ids, arguments):
-        """Refused(403) unless the policy lets the caller make this change on every GPU."""
-        policy = self.policy
+    def check_policy(self, policy, principal, operation, ids, arguments):
+        """Refused(403) unless the policy lets the caller make this change on every GPU.
+        (Each check is given the policy the request read once: a reload in between does not
+        mix two policies.)"""
         grant, applies = self.grant(principal, policy)
         if not applies:
             return
@@ -3598,10 +3623,9 @@ class Access:
         return sorted(set(uid for uid in owners.values() if uid != caller.uid),
                       key=lambda uid: -1 if uid is None else uid)
 
-    def check_in_use(self, principal, ids):
+    def check_in_use(self, policy, principal, ids):
         """Refused(409) if processes of another uid run on one of the GPUs: for UDS callers
         other than uid 0, unless the policy says in_use_by_others = "allow"."""
-        policy = self.policy
         if principal.uid in (None, 0) or policy is not None and not policy.refuse_in_use:
             return
         for gpu in ids:
@@ -3618,13 +3642,15 @@ class Access:
         daemon's, and an flock in the state directory for the node's other daemons."""
         return BudgetStep(self.budget_lock, self.budget_path)
 
-    def check_budget(self, ids, milliwatts, caller):
+    def check_budget(self, policy, ids, milliwatts, caller):
         """Refused(409) if setting ids to milliwatts raises the sum of the node's GPU power
-        limits above the budget (call within budget_step())."""
-        policy = self.policy
+        limits above the budget (call within budget_step()). A change that raises no GPU's
+        limit passes without reading the others'."""
         if policy is None or policy.budget_w is None:
             return
-        limits = self.power_limits(caller)
+        if all(milliwatts <= limit for limit in self.power_limits(caller, ids).values()):
+            return
+        limits = self.power_limits(caller, self.node.gpu_ids)
         before = sum(limits.values())
         after = before - sum(limits[gpu] for gpu in ids) + milliwatts * len(ids)
         if after > before and after > policy.budget_w * 1000:
@@ -3635,26 +3661,25 @@ class Access:
                     milliwatts / 1000.0, after / 1000.0, after / 1000.0 - policy.budget_w),
                 "budget %d W" % policy.budget_w))
 
-    def power_limits(self, caller):
-        """{gpu: power limit mW} of every GPU of the node; 503 if one cannot be read."""
-        results, errors = self.node.gpu_calls.call_all(self.node.gpu.power_limit_mw,
-                                                       self.node.gpu_ids, caller.gone,
-                                                       caller.abandon)
+    def power_limits(self, caller, ids):
+        """{gpu: power limit mW} of the GPUs ids; 503 if one cannot be read."""
+        results, errors = self.node.gpu_calls.call_all(self.node.gpu.power_limit_mw, ids,
+                                                       caller.gone, caller.abandon)
         for gpu, err in sorted(errors.items()):
             raise HttpError(503, "cannot read GPU %d's power limit, which the node's power "
                                  "budget needs: %s" % (gpu, err.message))
         return results
 
-    def constraints(self, principal, gpu, limits):
+    def constraints(self, policy, principal, gpu, limits):
         """A GPU's power limit range (min, max mW) as the caller may set it: intersected with
-        its policy range where one applies and they overlap."""
-        grant, applies = self.grant(principal, self.policy)
+        its policy range where one applies; None where they do not overlap."""
+        grant, applies = self.grant(principal, policy)
         allowed = grant.setting(gpu, "power_limit_w") if grant is not None and \
             grant.allows(gpu) else True
         if not applies or allowed in (True, False):
             return limits
         low, high = max(limits[0], allowed[0] * 1000), min(limits[1], allowed[1] * 1000)
-        return (low, high) if low <= high else limits
+        return (low, high) if low <= high else None
 
     def view(self, principal, ids):
         """What the caller may change, as GET /gpu/policy shows it."""
@@ -3673,7 +3698,7 @@ class Access:
                     continue
                 name = "power_limit_mw" if key == "power_limit_w" else key
                 if key == "power_limit_w" and allowed is not False and limits is not None:
-                    allowed = list(self.constraints(principal, gpu, limits))
+                    allowed = self.constraints(policy, principal, gpu, limits) or False
                 entry[name] = None if allowed is False else list(allowed) \
                     if isinstance(allowed, tuple) else allowed
             entry["in_use_by"] = list(self.users_on(gpu, principal.caller))
@@ -3681,7 +3706,7 @@ class Access:
         budget = None
         if policy is not None and policy.budget_w is not None:
             budget = {"gpu_power_budget_w": policy.budget_w, "power_limits_total_w": sum(
-                self.power_limits(principal.caller).values()) / 1000.0}
+                self.power_limits(principal.caller, self.node.gpu_ids).values()) / 1000.0}
         return {"caller": {"uid": principal.uid, "user": user, "groups": list(groups)},
                 "table": (grant.name if grant is not None else None) if applies else
                 ("exempt" if policy is not None else None), "gpus": gpus, "budget": budget}
@@ -3969,12 +3994,13 @@ class Api:
                                          "a token.")
             else:
                 named += " block=%s" % str(block).lower()
-            access, caller = self.access, request.caller
+            access, caller, policy = self.access, request.caller, self.access.policy
             principal = Principal(caller, claims, access.directory)
-            budgeted = operation == "set_power_limit" and access.policy is not None and \
-                access.policy.budget_w is not None
+            budgeted = operation == "set_power_limit" and policy is not None and \
+                policy.budget_w is not None
             try:
-                access.check_policy(principal, operation, ids, dict(zip(arg_names, values)))
+                access.check_policy(policy, principal, operation, ids, dict(zip(arg_names,
+                                                                                values)))
                 if operation == "set_power_limit":
                     out_of_range = self.out_of_range(ids, values[0])
                     if out_of_range:
@@ -3983,13 +4009,13 @@ class Api:
                     message = holds.conflict(owner, ids)
                     if message is not None:
                         raise access.counted(Refused("held", 409, message, "held"))
-                access.check_in_use(principal, ids)
+                access.check_in_use(policy, principal, ids)
                 if holds is not None:
                     claim = HoldClaim(holds, owner, None if operation == "hold" else dict(
                         [("op", operation)] + list(zip(arg_names, values))))
                 with access.budget_step() if budgeted else NO_STEP:
                     if budgeted:
-                        access.check_budget(ids, values[0], caller)
+                        access.check_budget(policy, ids, values[0], caller)
                     jobs = self.node.control.submit(ids, operation, values, named, who, claim)
                     if block or budgeted:
                         outcomes = [(job.gpu, job.outcome(caller.gone)) for job in jobs]
@@ -4010,9 +4036,10 @@ class Api:
                                                        ids, caller.gone, caller.abandon)
         if errors:
             return errors_reply(errors)
-        if self.access.policy is not None:
+        policy = self.access.policy
+        if policy is not None:
             principal = Principal(caller, claims, self.access.directory)
-            results = {gpu: self.access.constraints(principal, gpu, limits)
+            results = {gpu: self.access.constraints(policy, principal, gpu, limits) or limits
                        for gpu, limits in results.items()}
         return Reply(200, json_body({str(i): {"min_power_limit_mw": results[i][0],
                                               "max_power_limit_mw": results[i][1]} for i in ids}))
