@@ -2524,13 +2524,10 @@ class Holds:
     The first change an owner makes to a GPU records the GPU's settings as they were (a hold),
     before the change runs, on the GPU's worker; later changes by the same owner extend it.
     Changes by others are refused (409) while it lasts, and by everyone while it is being
-    restored; uid 0 over UDS and admin tokens are never refused by a hold. One watcher thread
-    restores a hold when the owner's last session has ended (UDS owners), when its token
-    expires (TCP owners), or when the daemon that recorded it is gone and so is its owner; it
-    wakes on the session leaders' pidfds, or polls /proc once a second where pidfd_open is
-    missing, and sleeps while this daemon holds nothing. No failure ends the watcher: a state
-    file that cannot be written is logged and tried again. A background worker: start()
-    adopts the holds of daemons no longer running and starts the watcher, stop() ends it.
+    restored; uid 0 over UDS and admin tokens are never refused by a hold (refusal() decides,
+    in one place). A restore runs on the GPU's worker, leaves a receipt, and ends the hold;
+    the watcher (HoldsWatcher) starts the restores of holds whose owner is gone. An end that
+    cannot be written to the state file is logged and written later by the watcher.
     """
 
     def __init__(self, store, control, backend):
@@ -2545,9 +2542,7 @@ class Holds:
         self.running = {}  # gpu -> the RestoreJob this daemon runs on it
         self.unended = {}  # gpu -> id of a hold that ended but could not be written out yet
         self.unknown = set()  # ids of holds of GPUs this daemon does not have (logged once)
-        self.stopped = False
-        self.wake_read, self.wake_write = os.pipe()
-        self.pidfds = {}  # session leader pid -> its pidfd
+        self.watcher = HoldsWatcher(self)
 
     # Changes and releases, for the API
 
@@ -2790,18 +2785,9 @@ class Holds:
         return {int(key): hold for key, hold in self.store.current().items()
                 if not hold.restoring}
 
-    # The watcher
-
-    def start(self):
-        self.check()
-        threading.Thread(target=self.watch, name="holds-watcher", daemon=True).start()
-
-    def stop(self):
-        self.stopped = True
-        self.wake()
-
     def wake(self):
-        os.write(self.wake_write, b"w")
+        """Have the watcher look at the holds again (they changed)."""
+        self.watcher.wake()
 
     def restore_all(self, reason):
         """Restore every hold this daemon keeps (it is stopping), waiting for these restores
@@ -2825,6 +2811,34 @@ class Holds:
                           "daemon's stop; its hold stays in %s for the next daemon", job.gpu,
                           job.reason, bound, self.store.path)
 
+
+# ---- Holds watcher: restores the holds whose owner is gone, adopts those of dead daemons ----
+
+class HoldsWatcher:
+    """One thread that restores a hold when the owner's last session has ended (UDS owners),
+    when its token expires (TCP owners), or when the daemon that recorded it is gone and so is
+    its owner; it wakes on the session leaders' pidfds, or polls /proc once a second where
+    pidfd_open is missing, and sleeps while this daemon holds nothing. No failure ends it: a
+    state file that cannot be written is logged and tried again. A background worker: start()
+    adopts the holds of daemons no longer running and starts the thread, stop() ends it."""
+
+    def __init__(self, holds):
+        self.holds = holds
+        self.stopped = False
+        self.wake_read, self.wake_write = os.pipe()
+        self.pidfds = {}  # session leader pid -> its pidfd
+
+    def start(self):
+        self.check()
+        threading.Thread(target=self.watch, name="holds-watcher", daemon=True).start()
+
+    def stop(self):
+        self.stopped = True
+        self.wake()
+
+    def wake(self):
+        os.write(self.wake_write, b"w")
+
     def watch(self):
         poller = select.poll()
         poller.register(self.wake_read, select.POLLIN)
@@ -2833,12 +2847,13 @@ class Holds:
             try:
                 timeout = self.follow(poller)
                 if failing:
-                    log.info("the holds in %s are checked again", self.store.path)
+                    log.info("the holds in %s are checked again", self.holds.store.path)
                     failing = False
             except Exception as err:
                 if not failing:
                     log.error("cannot check the GPUs' holds in %s: %s: %s; trying again every "
-                              "%g s", self.store.path, type(err).__name__, err, WATCH_INTERVAL_S)
+                              "%g s", self.holds.store.path, type(err).__name__, err,
+                              WATCH_INTERVAL_S)
                 failing, timeout = True, WATCH_INTERVAL_S
             for fd, _ in poller.poll(None if timeout is None else timeout * 1000 + 1):
                 if fd == self.wake_read:
@@ -2861,7 +2876,7 @@ class Holds:
                 poller.register(self.pidfds[leader], select.POLLIN)
             except (TypeError, OSError):
                 polled = False
-        timeout = None if polled and not self.unended else WATCH_INTERVAL_S
+        timeout = None if polled and not self.holds.unended else WATCH_INTERVAL_S
         if expiry is not None:
             timeout = min(timeout or MAX_WATCH_SLEEP_S, max(0.0, expiry - time.time()))
         return timeout if timeout is None else min(timeout, MAX_WATCH_SLEEP_S)
@@ -2871,34 +2886,34 @@ class Holds:
         running, restore those whose owner is gone; (the session leaders to watch, the next
         token expiry) of the holds this daemon keeps. A hold of a GPU this daemon does not
         have is left as it is, for a daemon that has it (one ERROR line)."""
-        now = time.time()
+        holds, now = self.holds, time.time()
         leaders, expiries = set(), []
-        with self.lock:
-            unended = dict(self.unended)
+        with holds.lock:
+            unended = dict(holds.unended)
 
-        def change(holds):
+        def change(held):
             for gpu, hold_id in unended.items():
-                if str(gpu) in holds and holds[str(gpu)].id == hold_id:
-                    del holds[str(gpu)]
+                if str(gpu) in held and held[str(gpu)].id == hold_id:
+                    del held[str(gpu)]
             jobs = []
-            for key, hold in sorted(holds.items()):
-                if int(key) >= len(self.control.queues):
-                    if hold.id not in self.unknown:
-                        self.unknown.add(hold.id)
+            for key, hold in sorted(held.items()):
+                if int(key) >= len(holds.control.queues):
+                    if hold.id not in holds.unknown:
+                        holds.unknown.add(hold.id)
                         log.error("the state file %s has a hold of GPU %s, which this daemon "
                                   "does not have (it has %d GPUs); the hold is left as it is",
-                                  self.store.path, key, len(self.control.queues))
+                                  holds.store.path, key, len(holds.control.queues))
                     continue
-                adopted = hold.daemon != self.me
+                adopted = hold.daemon != holds.me
                 if adopted and alive(hold.daemon):
                     continue
                 if hold.restoring:
-                    if adopted and self.receipts.written(hold.id):
-                        del holds[key]  # restored and on record: its daemon died after that
+                    if adopted and holds.receipts.written(hold.id):
+                        del held[key]  # restored and on record: its daemon died after that
                     elif adopted:
-                        jobs.append(self.mark(holds, key, hold.restoring))
+                        jobs.append(holds.mark(held, key, hold.restoring))
                     continue
-                hold.daemon = self.me
+                hold.daemon = holds.me
                 if hold.uid is not None:
                     hold.sessions = [session for session in hold.sessions if alive(session)]
                     gone = not hold.sessions
@@ -2911,14 +2926,14 @@ class Holds:
                 if gone:
                     reason = "owner-gone" if adopted else (
                         "session-ended" if hold.uid is not None else "token-expired")
-                    jobs.append(self.mark(holds, key, reason))
+                    jobs.append(holds.mark(held, key, reason))
             return jobs
-        jobs = self.store.update(change)
-        with self.lock:
+        jobs = holds.store.update(change)
+        with holds.lock:
             for gpu, hold_id in unended.items():
-                if self.unended.get(gpu) == hold_id:
-                    del self.unended[gpu]
-        self.run(jobs)
+                if holds.unended.get(gpu) == hold_id:
+                    del holds.unended[gpu]
+        holds.run(jobs)
         return leaders, min(expiries) if expiries else None
 
 
@@ -3295,7 +3310,8 @@ class Node:
 
     def workers(self):
         """The node's background workers, each with start() and stop()."""
-        return [worker for worker in (self.control, self.holds, self.gpu_calls, self.gpu_sampler,
+        watcher = self.holds.watcher if self.holds is not None else None
+        return [worker for worker in (self.control, watcher, self.gpu_calls, self.gpu_sampler,
                                       self.cpu_sampler, self.guard) if worker is not None]
 
     def start(self):
