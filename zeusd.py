@@ -171,6 +171,10 @@ def parse_duration(text):
     return total
 
 
+U32_MAX = 2 ** 32 - 1
+
+
+
 # ---- Logging: one line per event on stderr, level from ZEUSD_LOG, client text escaped ----
 
 LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
@@ -375,16 +379,6 @@ class ReadErrors:
 READ_ERRORS = ReadErrors()
 
 
-class HttpError(Exception):
-    """A request that ends in an error status: a JSON {"error": message} with extra headers,
-    as (name, value) pairs."""
-
-    def __init__(self, status, message, headers=()):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.headers = headers
-
 
 # ---- Files: the small regular files the daemon reads, opened without blocking ----
 
@@ -416,195 +410,347 @@ def read_small_file(path, limit=MAX_FILE_BYTES):
         os.close(fd)
 
 
-# ---- Authentication: HS256 JSON Web Tokens, signing keys, scopes ----
+# ---- TOML subset: the syntax of the GPU command override file, read as tomllib reads it ----
 
-TOKEN_MAX_LENGTH = 8192
-TOO_LONG_TOKEN = "Invalid token: longer than %d characters." % TOKEN_MAX_LENGTH
-CACHE_ENTRY_BYTES = 256  # what a cached outcome costs beside its token, about
-LEEWAY_S = 60
-BASE64URL = re.compile(r"[A-Za-z0-9_-]*")
-OPEN_PATHS = ("/discover", "/time", "/health")
-BEARER_CHALLENGE = (("WWW-Authenticate", 'Bearer realm="zeusd"'),)
-# gpus: absent = every GPU (the Rust daemon's tokens); admin: to holds what uid 0 over UDS is
-Claims = collections.namedtuple("Claims", "sub scopes exp gpus admin")
-Claims.__new__.__defaults__ = (None, False)
+TOML_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+TOML_INTEGER = re.compile(r"[+-]?(?:0|[1-9](?:_?[0-9])*)(?![0-9A-Za-z_.:+-])")
+TOML_BOOLEAN = re.compile(r"(true|false)(?![0-9A-Za-z_.:+-])")
+TOML_ESCAPES = {"b": "\b", "t": "\t", "n": "\n", "f": "\f", "r": "\r", '"': '"', "\\": "\\"}
+TOML_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f]")
+TOML_MAX_DEPTH = 32
 
 
-def unauthorized(message):
-    return HttpError(401, message, BEARER_CHALLENGE)
+class TomlReader:
+    """Reads, as tomllib does, the TOML an override or policy file uses: [table] and dotted
+    [table.name] headers, bare keys, basic and literal strings, integers, booleans, arrays
+    (over several lines too) and comments. Anything else is a ValueError naming the line.
+    `lines` maps each table's dotted name, and each "table.key", to its line."""
+
+    def __init__(self, text):
+        self.text = text.replace("\r\n", "\n")
+        self.pos = 0
+        self.depth = 0
+        self.lines = {}
+
+    def line(self):
+        return self.text.count("\n", 0, self.pos) + 1
+
+    def fail(self, message):
+        raise ValueError("line %d: %s" % (self.line(), message))
+
+    def peek(self, count=1):
+        return self.text[self.pos:self.pos + count]
+
+    def document(self):
+        """{table name: {key: value}}, a dotted header's tables nested as tomllib nests them."""
+        tables, current, defined = {}, None, set()
+        while True:
+            self.skip(newlines=True)
+            if self.pos >= len(self.text):
+                return tables
+            if self.peek() == "[":
+                self.pos += 1
+                self.skip()
+                names = [self.key()]
+                while self.peek() == ".":
+                    self.pos += 1
+                    names.append(self.key())
+                self.skip()
+                self.expect("]")
+                dotted = ".".join(names)
+                if dotted in defined:
+                    self.fail("table [%s] is defined twice" % dotted)
+                defined.add(dotted)
+                for end in range(1, len(names)):
+                    self.lines.setdefault(".".join(names[:end]), self.line())
+                self.lines[dotted] = self.line()
+                current = tables
+                for name in names:
+                    current = current.setdefault(name, {})
+                    if not isinstance(current, dict):
+                        self.fail("[%s] names a key, not a table" % dotted)
+            else:
+                if current is None:
+                    self.fail("a key outside any [table]")
+                name = self.key()
+                self.skip()
+                self.expect("=")
+                self.skip()
+                self.lines["%s.%s" % (dotted, name)] = self.line()
+                value = self.value()
+                if name in current:
+                    self.fail("key '%s' is given twice" % name)
+                current[name] = value
+            self.skip()
+            if self.pos < len(self.text):
+                self.expect("\n")
+
+    def skip(self, newlines=False):
+        """Skip spaces, tabs and a comment (and newlines, blank lines and comments if asked)."""
+        while self.pos < len(self.text):
+            char = self.text[self.pos]
+            if char in " \t" or (newlines and char == "\n"):
+                self.pos += 1
+            elif char == "#":
+                end = self.text.find("\n", self.pos)
+                end = len(self.text) if end < 0 else end
+                if TOML_CONTROL.search(self.text, self.pos, end):
+                    self.fail("a control character in a comment")
+                self.pos = end
+            else:
+                return
+
+    def expect(self, token):
+        if self.peek(len(token)) != token:
+            self.fail("expected %r" % token)
+        self.pos += len(token)
+
+    def key(self):
+        match = TOML_BARE_KEY.match(self.text, self.pos)
+        if not match:
+            self.fail("expected a bare key (letters, digits, '_' and '-'); quoted and dotted "
+                      "keys are not supported here")
+        self.pos = match.end()
+        return match.group()
+
+    def value(self):
+        char = self.peek()
+        if self.peek(3) in ('"""', "'''"):
+            self.fail("multi-line strings are not supported here")
+        if char == '"':
+            return self.basic_string()
+        if char == "'":
+            return self.literal_string()
+        if char == "[":
+            return self.array()
+        for pattern, convert in ((TOML_BOOLEAN, lambda text: text == "true"),
+                                 (TOML_INTEGER, lambda text: int(text.replace("_", "")))):
+            match = pattern.match(self.text, self.pos)
+            if match:
+                self.pos = match.end()
+                return convert(match.group())
+        self.fail("expected a string, an integer, a boolean or an array")
+
+    def literal_string(self):
+        end = self.text.find("'", self.pos + 1)
+        newline = self.text.find("\n", self.pos + 1)
+        if end < 0 or 0 <= newline < end:
+            self.fail("unterminated string")
+        text = self.text[self.pos + 1:end]
+        if TOML_CONTROL.search(text):
+            self.fail("a control character in a string")
+        self.pos = end + 1
+        return text
+
+    def basic_string(self):
+        self.pos += 1
+        parts = []
+        while True:
+            char = self.peek()
+            if not char or char == "\n":
+                self.fail("unterminated string")
+            self.pos += 1
+            if char == '"':
+                return "".join(parts)
+            if char == "\\":
+                parts.append(self.escape())
+            elif TOML_CONTROL.match(char):
+                self.fail("a control character in a string")
+            else:
+                parts.append(char)
+
+    def escape(self):
+        char = self.peek()
+        if char in TOML_ESCAPES:
+            self.pos += 1
+            return TOML_ESCAPES[char]
+        digits = {"u": 4, "U": 8}.get(char)
+        code = self.text[self.pos + 1:self.pos + 1 + (digits or 0)]
+        if digits and re.fullmatch(r"[0-9A-Fa-f]{%d}" % digits, code):
+            value = int(code, 16)
+            if value <= 0x10FFFF and not 0xD800 <= value <= 0xDFFF:
+                self.pos += 1 + digits
+                return chr(value)
+        self.fail("invalid escape sequence in a string")
+
+    def array(self):
+        self.depth += 1
+        if self.depth > TOML_MAX_DEPTH:
+            self.fail("arrays nested deeper than %d levels" % TOML_MAX_DEPTH)
+        self.pos += 1
+        items = []
+        while True:
+            self.skip(newlines=True)
+            if self.peek() == "]":
+                self.pos += 1
+                self.depth -= 1
+                return items
+            items.append(self.value())
+            self.skip(newlines=True)
+            if self.peek() == ",":
+                self.pos += 1
+            elif self.peek() != "]":
+                self.fail("expected ',' or ']' in an array")
 
 
-def b64url_encode(data):
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+def parse_toml(text):
+    return TomlReader(text).document()
 
 
-def b64url_decode(text):
-    """The bytes of canonical unpadded base64url: one spelling per value, as signed."""
-    if not BASE64URL.fullmatch(text) or len(text) % 4 == 1:
-        raise ValueError("not base64url")
-    data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-    if b64url_encode(data) != text:
-        raise ValueError("not canonical base64url")
-    return data
-
-
-def unique_keys(pairs):
-    """A JSON object's dict; a key given twice is refused, as two readers could differ on it."""
-    value = dict(pairs)
-    if len(value) != len(pairs):
-        raise ValueError("duplicate key")
-    return value
-
-
-def load_signing_key(path):
-    """The key file's raw bytes, unmodified; warns if others may read it."""
+def read_trusted_toml(path, flag, refusal):
+    """A TomlReader of a file the daemon trusts as the admin's: a regular
+    file of at most 64 KiB owned by root or the daemon's user and not writable by everyone
+    (by its group: a warning); StartupError naming flag and path, with refusal, otherwise."""
     try:
-        key, info = read_small_file(path)
-    except OSError as err:
-        raise StartupError("cannot read the signing key %s: %s" % (path, err.strerror or err))
-    mode = info.st_mode
-    if not key:
-        raise StartupError("the signing key file %s is empty; generate one with: "
-                           "openssl rand -base64 32 > %s" % (path, path))
-    if mode & 0o077:
-        log.warning("the signing key %s is readable by group or others (mode %03o); run: "
-                    "chmod 600 %s", path, mode & 0o777, path)
-    return key
+        data, info = read_small_file(path)
+        text = data.decode("utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise StartupError("cannot read %s %s: %s" % (flag, path,
+                                                     getattr(err, "strerror", None) or err))
+    if info.st_uid not in (0, os.geteuid()):
+        raise StartupError("%s %s is owned by uid %d, neither root nor the daemon's user: "
+                           "refusing %s" % (flag, path, info.st_uid, refusal))
+    if info.st_mode & 0o002:
+        raise StartupError("%s %s is writable by everyone (mode %03o): refusing %s; run: "
+                           "chmod o-w %s" % (flag, path, info.st_mode & 0o777, refusal, path))
+    if info.st_mode & 0o020:
+        log.warning("%s %s is writable by its group (mode %03o); the daemon trusts what it "
+                    "says", flag, path, info.st_mode & 0o777)
+    return TomlReader(text)
 
 
-def issue_token(key, sub, scopes, exp, gpus=None, admin=False):
-    """A compact HS256 JWT with claims sub, scopes, unless None exp and gpus, and admin if
-    true."""
-    claims = {"sub": sub, "scopes": list(scopes)}
-    if exp is not None:
-        claims["exp"] = exp
-    if gpus is not None:
-        claims["gpus"] = list(gpus)
-    if admin:
-        claims["admin"] = True
-    signing_input = (b64url_encode(b'{"alg":"HS256","typ":"JWT"}') + "."
-                     + b64url_encode(json.dumps(claims, separators=(",", ":")).encode("utf-8")))
-    signature = hmac.new(key, signing_input.encode("ascii"), hashlib.sha256).digest()
-    return signing_input + "." + b64url_encode(signature)
+
+# ---- Processes: start times, login sessions, owners and Slurm jobs in /proc ----
+
+UNSEEN_SESSION = [0, 0]  # the session of a caller the daemon cannot see (another PID namespace)
+MAX_ANCESTORS = 4096  # how far up session_of climbs (pids get reused while it climbs)
+CLOCK_BOOTTIME = getattr(time, "CLOCK_BOOTTIME", 7)  # Linux's; time has the name from 3.7
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def decode_segment(segment, what):
-    """A token segment's JSON object; 401 for anything else (deep nesting included)."""
+def stat_fields(pid):
+    """The fields of /proc/<pid>/stat after the command name, or None."""
     try:
-        value = json.loads(b64url_decode(segment).decode("utf-8"), object_pairs_hook=unique_keys)
-    except (ValueError, RecursionError):
-        raise unauthorized("Invalid token: the %s is not base64url-encoded JSON with distinct "
-                           "keys." % what)
-    if not isinstance(value, dict):
-        raise unauthorized("Invalid token: the %s is not a JSON object." % what)
-    return value
+        with open("/proc/%d/stat" % pid, "rb") as stat_file:
+            return stat_file.read().rpartition(b")")[2].split()
+    except OSError:
+        return None
 
 
-def verify_token(key, token):
-    """The claims of a correctly signed HS256 token; HttpError(401) saying what is wrong."""
-    if len(token) > TOKEN_MAX_LENGTH:
-        raise unauthorized(TOO_LONG_TOKEN)
-    segments = token.split(".")
-    if len(segments) != 3:
-        raise unauthorized("Invalid token: expected three base64url segments separated by dots.")
-    header = decode_segment(segments[0], "header")
-    if header.get("alg") != "HS256":
-        raise unauthorized("Invalid token: algorithm %s is not accepted; only HS256 is."
-                           % json.dumps(header.get("alg"))[:64])
+def process_start(pid):
+    """The start time of a live process (clock ticks since boot), or None (for a process that
+    has exited too, while it waits to be reaped)."""
+    fields = stat_fields(pid)
+    if not fields or len(fields) < 20 or fields[0] in (b"Z", b"X"):
+        return None
+    return int(fields[19])
+
+
+def boot_ticks():
+    """Now, in the clock ticks since boot that /proc/<pid>/stat gives start times in."""
+    return int(time.clock_gettime(CLOCK_BOOTTIME) * CLOCK_TICKS)
+
+
+def session_of(pid, connected=None):
+    """[leader pid, leader start time] of a process's login session. The start time tells a
+    session from a later one whose leader got the same pid. A session begun outside the
+    daemon's PID namespace (its id reads 0 here, `nsenter`, `docker exec`) is led by the process
+    that entered the namespace: the caller's topmost ancestor here. UNSEEN_SESSION for a
+    caller outside the namespace (pid 0); an ended session for one already gone, or for a
+    process that started after its connection did (connected, in boot_ticks(): it got the
+    caller's pid since, and is not the caller)."""
+    if not pid:
+        return list(UNSEEN_SESSION)
+    fields = stat_fields(pid)
+    if not fields or len(fields) < 20 or connected is not None and (
+            fields[0] in (b"Z", b"X") or int(fields[19]) > connected):
+        return [pid, 0]
+    leader = int(fields[3])
+    if leader == 0:
+        leader = pid
+        for _ in range(MAX_ANCESTORS):
+            parent = stat_fields(leader)
+            if not parent or int(parent[1]) == 0:
+                break
+            leader = int(parent[1])
+    return [leader, process_start(leader) or 0]
+
+
+def alive(process):
+    """Whether a [pid, start time] pair is a process still running; an unseen session always
+    is (its end cannot be seen: only a release or the daemon's stop ends its holds)."""
+    if process == UNSEEN_SESSION:
+        return True
+    return bool(process[1]) and process_start(process[0]) == process[1]
+
+
+CAP_SYS_PTRACE = 19
+
+
+def hidden_processes():
+    """Why this daemon cannot see its clients' processes in /proc, or None: /proc mounted with
+    hidepid (systemd's ProtectProc=invisible or noaccess does that), the daemon neither in the
+    mount's gid= group nor holding CAP_SYS_PTRACE."""
+    options = []
     try:
-        signature = b64url_decode(segments[2])
-    except ValueError:
-        raise unauthorized("Invalid token: the signature is not canonical base64url.")
-    claims = decode_segment(segments[1], "payload")
-    expected = hmac.new(key, (segments[0] + "." + segments[1]).encode("ascii"),
-                        hashlib.sha256).digest()
-    if not hmac.compare_digest(signature, expected):
-        raise unauthorized("Invalid token: signature mismatch.")
-    sub, scopes, exp = claims.get("sub"), claims.get("scopes"), claims.get("exp")
-    if not isinstance(sub, str):
-        raise unauthorized("Invalid token: claim 'sub' must be a string.")
-    if not isinstance(scopes, list) or not all(isinstance(s, str) for s in scopes):
-        raise unauthorized("Invalid token: claim 'scopes' must be a list of API group names.")
-    for scope in scopes:
-        if scope not in API_GROUPS:
-            raise unauthorized("Invalid token: unknown scope %s." % json.dumps(scope)[:64])
-    if exp is not None and (type(exp) is not int or exp < 0):
-        raise unauthorized("Invalid token: claim 'exp' must be an integer.")
-    gpus = claims.get("gpus")
-    if gpus is not None:
-        if not isinstance(gpus, list) or not all(type(i) is int and 0 <= i <= U32_MAX
-                                                 for i in gpus):
-            raise unauthorized("Invalid token: claim 'gpus' must be a list of GPU indices.")
-        gpus = tuple(sorted(set(gpus)))
-    admin = claims.get("admin", False)
-    if admin is not True and admin is not False:
-        raise unauthorized("Invalid token: claim 'admin' must be true or false.")
-    return Claims(sub, tuple(scopes), exp, gpus, admin)
+        with open("/proc/self/mountinfo") as mounts:
+            for line in mounts:
+                fields = line.split()
+                if len(fields) > 4 and fields[4] == "/proc":  # the last one is on top
+                    options = line.rpartition(" - ")[2].split()[-1].split(",")
+        with open("/proc/self/status") as status:
+            effective = next(int(line.split()[1], 16) for line in status
+                             if line.startswith("CapEff:"))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+    settings = dict(option.partition("=")[::2] for option in options)
+    hidepid = settings.get("hidepid", "0")
+    exempt = settings.get("gid") in set(str(gid) for gid in os.getgroups() + [os.getegid()])
+    if hidepid in ("0", "off") or exempt or effective >> CAP_SYS_PTRACE & 1:
+        return None
+    return "/proc is mounted with hidepid=%s and the daemon lacks CAP_SYS_PTRACE" % hidepid
 
 
-class Authenticator:
-    """Checks Authorization headers against the signing key, and token scopes against groups.
+def check_process_visibility():
+    """Exit 1 when the daemon cannot see its clients' sessions, which every hold needs."""
+    hidden = hidden_processes()
+    if hidden is not None:
+        raise StartupError("%s: it cannot see its clients' sessions, so every GPU hold would "
+                           "be restored as soon as it is made. Give the daemon CAP_SYS_PTRACE "
+                           "(systemd: a drop-in with [Service] CapabilityBoundingSet="
+                           "CAP_SYS_PTRACE, added to the unit's set), or mount /proc without "
+                           "hidepid, or pass --no-restore" % hidden)
 
-    Verification outcomes are cached, failures included, so that a client repeating a badly
-    signed token does not make the daemon verify it again; the cache is emptied when it holds
-    CACHE_BYTES of tokens, and a token over the length limit is refused without being kept, so
-    that a flood of distinct tokens cannot grow the daemon. The key and the cache are swapped
-    together when SIGHUP reloads the key, so that no token is ever checked against one key and
-    cached under the other.
-    """
 
-    CACHE_BYTES = 1 << 20
+def process_uid(pid):
+    """The real uid of a process, from /proc/<pid>/status; None where the daemon cannot see
+    it."""
+    try:
+        with open("/proc/%d/status" % pid, "rb") as status:
+            for line in status:
+                if line.startswith(b"Uid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
-    def __init__(self, path):
-        self.path = path
-        self.keyring = (load_signing_key(path), {})
-        self.cached_bytes = 0
 
-    def reload(self):
-        """Re-read the key file; on failure keep the current key and log why."""
-        try:
-            self.keyring, self.cached_bytes = (load_signing_key(self.path), {}), 0
-        except StartupError as err:
-            log.error("SIGHUP: keeping the current signing key: %s", err)
-        else:
-            log.info("SIGHUP: reloaded the signing key from %s", self.path)
+SLURM_JOB = re.compile(r"/job_([0-9]{1,20})(?=/|$)")
 
-    def authenticate(self, header):
-        """The claims of the request's bearer token; HttpError(401) if it has no valid one."""
-        if header is None:
-            raise unauthorized("Authentication required. "
-                               "Provide an Authorization: Bearer <token> header.")
-        scheme, _, token = header.strip(" \t").partition(" ")
-        if scheme.lower() != "bearer":
-            raise unauthorized("Invalid token: the Authorization header must use the Bearer "
-                               "scheme.")
-        token = token.strip(" \t")
-        key, verified = self.keyring
-        claims = verified.get(token)
-        if claims is None:
-            if len(token) > TOKEN_MAX_LENGTH:
-                raise unauthorized(TOO_LONG_TOKEN)
-            try:
-                claims = verify_token(key, token)
-            except HttpError as err:
-                claims = err.message  # cached as text: a raised error would keep its frames
-            if self.cached_bytes >= self.CACHE_BYTES:
-                verified.clear()
-                self.cached_bytes = 0
-            verified[token] = claims
-            self.cached_bytes += len(token) + CACHE_ENTRY_BYTES
-        if claims.__class__ is str:
-            raise unauthorized(claims)
-        if claims.exp is not None and time.time() > claims.exp + LEEWAY_S:
-            raise unauthorized("Token has expired.")
-        return claims
 
-    @staticmethod
-    def authorize(claims, group):
-        if group not in claims.scopes:
-            raise HttpError(403, "Token for user '%s' lacks required scope '%s'. Token scopes: "
-                                 "[%s]" % (claims.sub, group,
-                                           ", ".join("'%s'" % s for s in claims.scopes)))
+def slurm_job_of(pid):
+    """The Slurm job id (digits) of a process in a Slurm job's cgroup (v1 or v2), or None."""
+    try:
+        with open("/proc/%d/cgroup" % pid, "rb") as cgroups:
+            lines = cgroups.read(MAX_FILE_BYTES).decode("utf-8", "replace").splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        match = SLURM_JOB.search(line.split(":", 2)[-1])
+        if match:
+            return match.group(1)
+    return None
+
 
 
 # ---- Devices, GPUs: the backend interface and its NVML implementation ----
@@ -886,193 +1032,6 @@ def no_gpus(problem):
     return GpuBackend(), problem
 
 
-# ---- TOML subset: the syntax of the GPU command override file, read as tomllib reads it ----
-
-TOML_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
-TOML_INTEGER = re.compile(r"[+-]?(?:0|[1-9](?:_?[0-9])*)(?![0-9A-Za-z_.:+-])")
-TOML_BOOLEAN = re.compile(r"(true|false)(?![0-9A-Za-z_.:+-])")
-TOML_ESCAPES = {"b": "\b", "t": "\t", "n": "\n", "f": "\f", "r": "\r", '"': '"', "\\": "\\"}
-TOML_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f]")
-TOML_MAX_DEPTH = 32
-
-
-class TomlReader:
-    """Reads, as tomllib does, the TOML an override or policy file uses: [table] and dotted
-    [table.name] headers, bare keys, basic and literal strings, integers, booleans, arrays
-    (over several lines too) and comments. Anything else is a ValueError naming the line.
-    `lines` maps each table's dotted name, and each "table.key", to its line."""
-
-    def __init__(self, text):
-        self.text = text.replace("\r\n", "\n")
-        self.pos = 0
-        self.depth = 0
-        self.lines = {}
-
-    def line(self):
-        return self.text.count("\n", 0, self.pos) + 1
-
-    def fail(self, message):
-        raise ValueError("line %d: %s" % (self.line(), message))
-
-    def peek(self, count=1):
-        return self.text[self.pos:self.pos + count]
-
-    def document(self):
-        """{table name: {key: value}}, a dotted header's tables nested as tomllib nests them."""
-        tables, current, defined = {}, None, set()
-        while True:
-            self.skip(newlines=True)
-            if self.pos >= len(self.text):
-                return tables
-            if self.peek() == "[":
-                self.pos += 1
-                self.skip()
-                names = [self.key()]
-                while self.peek() == ".":
-                    self.pos += 1
-                    names.append(self.key())
-                self.skip()
-                self.expect("]")
-                dotted = ".".join(names)
-                if dotted in defined:
-                    self.fail("table [%s] is defined twice" % dotted)
-                defined.add(dotted)
-                for end in range(1, len(names)):
-                    self.lines.setdefault(".".join(names[:end]), self.line())
-                self.lines[dotted] = self.line()
-                current = tables
-                for name in names:
-                    current = current.setdefault(name, {})
-                    if not isinstance(current, dict):
-                        self.fail("[%s] names a key, not a table" % dotted)
-            else:
-                if current is None:
-                    self.fail("a key outside any [table]")
-                name = self.key()
-                self.skip()
-                self.expect("=")
-                self.skip()
-                self.lines["%s.%s" % (dotted, name)] = self.line()
-                value = self.value()
-                if name in current:
-                    self.fail("key '%s' is given twice" % name)
-                current[name] = value
-            self.skip()
-            if self.pos < len(self.text):
-                self.expect("\n")
-
-    def skip(self, newlines=False):
-        """Skip spaces, tabs and a comment (and newlines, blank lines and comments if asked)."""
-        while self.pos < len(self.text):
-            char = self.text[self.pos]
-            if char in " \t" or (newlines and char == "\n"):
-                self.pos += 1
-            elif char == "#":
-                end = self.text.find("\n", self.pos)
-                end = len(self.text) if end < 0 else end
-                if TOML_CONTROL.search(self.text, self.pos, end):
-                    self.fail("a control character in a comment")
-                self.pos = end
-            else:
-                return
-
-    def expect(self, token):
-        if self.peek(len(token)) != token:
-            self.fail("expected %r" % token)
-        self.pos += len(token)
-
-    def key(self):
-        match = TOML_BARE_KEY.match(self.text, self.pos)
-        if not match:
-            self.fail("expected a bare key (letters, digits, '_' and '-'); quoted and dotted "
-                      "keys are not supported here")
-        self.pos = match.end()
-        return match.group()
-
-    def value(self):
-        char = self.peek()
-        if self.peek(3) in ('"""', "'''"):
-            self.fail("multi-line strings are not supported here")
-        if char == '"':
-            return self.basic_string()
-        if char == "'":
-            return self.literal_string()
-        if char == "[":
-            return self.array()
-        for pattern, convert in ((TOML_BOOLEAN, lambda text: text == "true"),
-                                 (TOML_INTEGER, lambda text: int(text.replace("_", "")))):
-            match = pattern.match(self.text, self.pos)
-            if match:
-                self.pos = match.end()
-                return convert(match.group())
-        self.fail("expected a string, an integer, a boolean or an array")
-
-    def literal_string(self):
-        end = self.text.find("'", self.pos + 1)
-        newline = self.text.find("\n", self.pos + 1)
-        if end < 0 or 0 <= newline < end:
-            self.fail("unterminated string")
-        text = self.text[self.pos + 1:end]
-        if TOML_CONTROL.search(text):
-            self.fail("a control character in a string")
-        self.pos = end + 1
-        return text
-
-    def basic_string(self):
-        self.pos += 1
-        parts = []
-        while True:
-            char = self.peek()
-            if not char or char == "\n":
-                self.fail("unterminated string")
-            self.pos += 1
-            if char == '"':
-                return "".join(parts)
-            if char == "\\":
-                parts.append(self.escape())
-            elif TOML_CONTROL.match(char):
-                self.fail("a control character in a string")
-            else:
-                parts.append(char)
-
-    def escape(self):
-        char = self.peek()
-        if char in TOML_ESCAPES:
-            self.pos += 1
-            return TOML_ESCAPES[char]
-        digits = {"u": 4, "U": 8}.get(char)
-        code = self.text[self.pos + 1:self.pos + 1 + (digits or 0)]
-        if digits and re.fullmatch(r"[0-9A-Fa-f]{%d}" % digits, code):
-            value = int(code, 16)
-            if value <= 0x10FFFF and not 0xD800 <= value <= 0xDFFF:
-                self.pos += 1 + digits
-                return chr(value)
-        self.fail("invalid escape sequence in a string")
-
-    def array(self):
-        self.depth += 1
-        if self.depth > TOML_MAX_DEPTH:
-            self.fail("arrays nested deeper than %d levels" % TOML_MAX_DEPTH)
-        self.pos += 1
-        items = []
-        while True:
-            self.skip(newlines=True)
-            if self.peek() == "]":
-                self.pos += 1
-                self.depth -= 1
-                return items
-            items.append(self.value())
-            self.skip(newlines=True)
-            if self.peek() == ",":
-                self.pos += 1
-            elif self.peek() != "]":
-                self.fail("expected ',' or ']' in an array")
-
-
-def parse_toml(text):
-    return TomlReader(text).document()
-
-
 # ---- GPU command overrides: configured commands in place of NVML control calls ----
 
 OVERRIDE_ARGUMENTS = {  # operation -> its placeholders besides {gpu_id}
@@ -1225,28 +1184,6 @@ def pattern_matches(pattern, text):
     return {0: True, 1: False}.get(process.returncode)
 
 
-def read_trusted_toml(path, flag, refusal):
-    """A TomlReader of a file the daemon trusts as the admin's: a regular
-    file of at most 64 KiB owned by root or the daemon's user and not writable by everyone
-    (by its group: a warning); StartupError naming flag and path, with refusal, otherwise."""
-    try:
-        data, info = read_small_file(path)
-        text = data.decode("utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise StartupError("cannot read %s %s: %s" % (flag, path,
-                                                     getattr(err, "strerror", None) or err))
-    if info.st_uid not in (0, os.geteuid()):
-        raise StartupError("%s %s is owned by uid %d, neither root nor the daemon's user: "
-                           "refusing %s" % (flag, path, info.st_uid, refusal))
-    if info.st_mode & 0o002:
-        raise StartupError("%s %s is writable by everyone (mode %03o): refusing %s; run: "
-                           "chmod o-w %s" % (flag, path, info.st_mode & 0o777, refusal, path))
-    if info.st_mode & 0o020:
-        log.warning("%s %s is writable by its group (mode %03o); the daemon trusts what it "
-                    "says", flag, path, info.st_mode & 0o777)
-    return TomlReader(text)
-
-
 def load_overrides(path):
     """{operation: CommandOverride} from a trusted override file; StartupError otherwise."""
     reader = read_trusted_toml(path, "--gpu-command-overrides", "to run the commands it names")
@@ -1364,193 +1301,6 @@ class OverriddenBackend(GpuBackend):
         else:
             GpuBackend.reset_locked_clocks(self, index)
 
-
-# ---- Access policy: the policy file, and what each of its tables lets a caller change ----
-
-POLICY_SETTINGS = collections.OrderedDict([
-    ("power_limit_w", "power limits"), ("gpu_locked_clocks_mhz", "locked GPU clocks"),
-    ("mem_locked_clocks_mhz", "locked memory clocks"), ("persistence_mode", "persistence mode")])
-POLICY_RANGES = ("power_limit_w", "gpu_locked_clocks_mhz", "mem_locked_clocks_mhz")
-IN_USE_CHOICES = ("refuse", "allow")
-# operation -> (the policy keys it needs, the request's arguments checked against their range)
-OPERATION_RULES = {
-    "set_power_limit": (("power_limit_w",), ("power_limit_mw",)),
-    "set_gpu_locked_clocks": (("gpu_locked_clocks_mhz",), ("min_clock_mhz", "max_clock_mhz")),
-    "set_mem_locked_clocks": (("mem_locked_clocks_mhz",), ("min_clock_mhz", "max_clock_mhz")),
-    "set_persistence_mode": (("persistence_mode",), ()),
-    "reset_gpu_locked_clocks": (("gpu_locked_clocks_mhz",), ()),
-    "reset_mem_locked_clocks": (("mem_locked_clocks_mhz",), ()),
-    "reset_locked_clocks": (("gpu_locked_clocks_mhz", "mem_locked_clocks_mhz"), ()),
-    "hold": ((), ()),
-}
-
-
-class Grant:
-    """What one table, or a caller's group tables combined, allows: a GPU if any table allows
-    it; a setting on a GPU if any table that allows the GPU allows it; a range the widest
-    among those (True: the GPU's own range)."""
-
-    def __init__(self, name, tables):
-        self.name = name
-        self.tables = tables  # each {"gpus": None (all) or frozenset, setting: value}
-
-    def allows(self, gpu):
-        return any(table["gpus"] is None or gpu in table["gpus"] for table in self.tables)
-
-    def setting(self, gpu, key):
-        """False (may not), True (any value the GPU takes), or the (low, high) range."""
-        values = [table[key] for table in self.tables
-                  if (table["gpus"] is None or gpu in table["gpus"]) and table[key] is not False]
-        if not values:
-            return False
-        if True in values:
-            return True
-        return min(low for low, _ in values), max(high for _, high in values)
-
-    def gpus_text(self):
-        if any(table["gpus"] is None for table in self.tables):
-            return "every GPU"
-        gpus = sorted(set().union(*[table["gpus"] for table in self.tables]))
-        return "GPUs %s" % ", ".join(map(str, gpus)) if gpus else "no GPU"
-
-
-class Policy:
-    """The admin's --policy file, parsed and checked: the node's table, [default], and the
-    group. and user. tables by name."""
-
-    def __init__(self, path, budget_w, in_use, default, groups, users):
-        self.path = path
-        self.budget_w = budget_w
-        self.refuse_in_use = in_use == "refuse"
-        self.default = default
-        self.groups = groups
-        self.users = users
-
-    def grant(self, user, groups, token):
-        """The Grant of a caller: its user table, else (not for tokens) its groups' tables
-        combined, else [default], else None (it may change nothing)."""
-        if user is not None and user in self.users:
-            return Grant("user." + user, [self.users[user]])
-        named = [] if token else [name for name in groups if name in self.groups]
-        if named:
-            return Grant(", ".join("group." + name for name in named),
-                         [self.groups[name] for name in named])
-        if self.default is not None:
-            return Grant("default", [self.default])
-        return None
-
-
-def policy_refusal(grant, who, operation, ids, arguments, gpu_ids):
-    """Why the Grant (None: no table) does not let who make the change on the GPUs ids, as
-    the 403 says it, or None if it does."""
-    if grant is None:
-        return ("%s may not change GPU settings (policy: no table names it, and there is no "
-                "[default])." % who)
-    for gpu in ids:
-        if not grant.allows(gpu):
-            return "%s may not change GPU %d (policy: %s allows %s)." % (
-                who, gpu, grant.name, grant.gpus_text())
-    keys, checked = OPERATION_RULES[operation]
-    for gpu in ids:
-        for key in keys:
-            allowed, what = grant.setting(gpu, key), POLICY_SETTINGS[key]
-            if allowed is False:
-                elsewhere = any(grant.setting(other, key) is not False for other in gpu_ids)
-                return "%s may not %s %s%s (policy: %s)." % (
-                    who, operation.partition("_")[0], what, " on GPU %d" % gpu if elsewhere
-                    else "", grant.name)
-            if allowed is True or not checked:
-                continue
-            scale, unit = (1000, "W") if key == "power_limit_w" else (1, "MHz")
-            asked = [arguments[name] for name in checked]
-            if not all(allowed[0] * scale <= value <= allowed[1] * scale for value in asked):
-                return "%s may set %s of %d to %d %s on GPU %d (policy: %s); asked %s %s." % (
-                    who, what, allowed[0], allowed[1], unit, gpu, grant.name,
-                    " to ".join("%g" % (value / float(scale)) for value in asked), unit)
-    return None
-
-
-def load_policy(path, gpu_count=None, flag="--policy"):
-    """The Policy of a trusted policy file; StartupError naming the file, line and key."""
-    reader = read_trusted_toml(path, flag, "a policy others could change")
-    try:
-        return parse_policy(path, reader.document(), reader.lines, gpu_count)
-    except ValueError as err:
-        raise StartupError("%s %s: %s" % (flag, path, err))
-
-
-def parse_policy(path, document, lines, gpu_count):
-    """A Policy from a parsed document; ValueError("line N: [table] key: problem")."""
-    def fail(table, key, problem):
-        line = lines.get("%s.%s" % (table, key)) or lines.get(table) or 0
-        raise ValueError("line %d: [%s] %s%s" % (line, table, key + ": " if key else "",
-                                                  problem))
-
-    def table_of(name, values):
-        table = {"gpus": frozenset(), "persistence_mode": False}
-        table.update((key, False) for key in POLICY_RANGES)
-        for key, value in values.items():
-            if key == "gpus":
-                table["gpus"] = gpus_of(name, value)
-            elif key in POLICY_RANGES:
-                table[key] = range_of(name, key, value)
-            elif key == "persistence_mode":
-                if not isinstance(value, bool):
-                    fail(name, key, "expected true or false")
-                table[key] = value
-            else:
-                fail(name, key, "unknown key (expected gpus, %s)" % ", ".join(POLICY_SETTINGS))
-        return table
-
-    def gpus_of(name, value):
-        if value == "all":
-            return None
-        if not isinstance(value, list) or not all(type(i) is int and i >= 0 for i in value):
-            fail(name, "gpus", 'expected "all" or a list of GPU indices such as [0, 1]')
-        missing = [i for i in value if gpu_count is not None and i >= gpu_count]
-        if missing:
-            fail(name, "gpus", "GPU %d does not exist (this node has %d)" % (missing[0],
-                                                                            gpu_count))
-        return frozenset(value)
-
-    def range_of(name, key, value):
-        if isinstance(value, bool):
-            return value
-        if not isinstance(value, list) or len(value) != 2 or not all(
-                type(v) is int and 0 <= v <= U32_MAX for v in value):
-            fail(name, key, "expected an inclusive range [low, high] of whole numbers, true (the "
-                            "GPU's own range) or false (never)")
-        if value[0] > value[1]:
-            fail(name, key, "the range is backwards: %d is above %d" % tuple(value))
-        return tuple(value)
-
-    budget_w, in_use, default, groups, users = None, "refuse", None, {}, {}
-    for name, values in document.items():
-        if name == "node":
-            for key, value in values.items():
-                if key == "gpu_power_budget_w":
-                    if type(value) is not int or value <= 0:
-                        fail(name, key, "expected a positive whole number of watts")
-                    budget_w = value
-                elif key == "in_use_by_others":
-                    if value not in IN_USE_CHOICES:
-                        fail(name, key, 'expected "refuse" or "allow"')
-                    in_use = value
-                else:
-                    fail(name, key, "unknown key (expected gpu_power_budget_w, "
-                                    "in_use_by_others)")
-        elif name == "default":
-            default = table_of(name, values)
-        elif name in ("group", "user"):
-            for member, member_values in values.items():
-                if not isinstance(member_values, dict):
-                    fail(name, member, "expected a table [%s.NAME]" % name)
-                (groups if name == "group" else users)[member] = table_of(
-                    "%s.%s" % (name, member), member_values)
-        else:
-            fail(name, "", "unknown table (expected [node], [default], [group.NAME] or "
-                           "[user.NAME])")
-    return Policy(path, budget_w, in_use, default, groups, users)
 
 
 # ---- Devices, CPUs: RAPL zones, counters with wraparound, the wraparound guard ----
@@ -1976,261 +1726,12 @@ class GpuControl:
             job = jobs.get()
 
 
-# ---- Receipts: the energy of every ended hold, one JSON line each in receipts.jsonl ----
-
-RECEIPTS_FILE = "receipts.jsonl"
-RECEIPTS_ROTATE_BYTES = 64 << 20  # past this the file becomes receipts.jsonl.1
-MAX_RECEIPT_BYTES = 1 << 20  # a longer line is no receipt, and is skipped as it is read
-SLURM_JOB = re.compile(r"/job_([0-9]{1,20})(?=/|$)")
-SAVED_ORDER = ("power_limit_mw", "persistence_mode", "gpu_locked_clocks", "mem_locked_clocks")
-CHANGE_ORDER = ("t_ms", "op")
-
-
-def holder_name(hold):
-    """A hold's user: the token's sub, or the passwd name of its uid (None if it has none)."""
-    uid = hold.uid
-    if uid is None:
-        return hold.user
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return None
-
-
-def hold_energy(hold, energy_mj, note=None):
-    """(J since the hold began, to 3 decimals, None), or (None, why not), given the GPU's
-    energy counter now (None, with note: no reading)."""
-    start = hold.energy_mj
-    if start is None:
-        return None, hold.energy_note or "no energy reading when the hold began"
-    if energy_mj is None:
-        return None, note
-    if energy_mj < start:
-        return None, "the GPU's energy counter went backwards during the hold (a driver reload?)"
-    return round((energy_mj - start) / 1000.0, 3), None
-
-
-def receipt_of(hold, gpu, uuid, energy_mj, energy_note, reason, restore):
-    """The receipt of a hold that ends now."""
-    energy_j, note = hold_energy(hold, energy_mj, energy_note)
-    receipt = collections.OrderedDict([
-        ("hold", hold.id), ("gpu", gpu), ("uuid", uuid), ("uid", hold.uid),
-        ("user", holder_name(hold)), ("job", hold.job), ("since_ms", hold.since_ms),
-        ("until_ms", int(time.time() * 1000)), ("energy_j", energy_j)])
-    if note is not None:
-        receipt["energy_note"] = note
-    receipt["changes"] = [in_order(change, CHANGE_ORDER) for change in hold.changes]
-    if hold.changes_left_out:
-        receipt["changes_left_out"] = hold.changes_left_out
-    receipt.update([("saved", in_order(hold.saved, SAVED_ORDER)), ("reason", reason),
-                    ("restore", restore)])
-    return receipt
-
-
-def in_order(record, order):
-    """A record's keys in the order the receipts show them (the state file sorts them)."""
-    return collections.OrderedDict(sorted(record.items(), key=lambda item: (
-        order.index(item[0]) if item[0] in order else len(order), item[0])))
-
-
-def slurm_job_of(pid):
-    """The Slurm job id (digits) of a process in a Slurm job's cgroup (v1 or v2), or None."""
-    try:
-        with open("/proc/%d/cgroup" % pid, "rb") as cgroups:
-            lines = cgroups.read(MAX_FILE_BYTES).decode("utf-8", "replace").splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        match = SLURM_JOB.search(line.split(":", 2)[-1])
-        if match:
-            return match.group(1)
-    return None
-
-
-class Receipts:
-    """receipts.jsonl in the state directory: one JSON line per ended hold, appended (O_APPEND)
-    and fsynced; past 64 MiB renamed to receipts.jsonl.1 (replacing it) and begun anew. A file
-    that is not the daemon's user's 0600 regular file (a symlink, a FIFO, another user's) is
-    moved aside with an ERROR line. A receipt that cannot be written is an ERROR line, counted:
-    the hold ends all the same."""
-
-    def __init__(self, directory):
-        self.path = os.path.join(directory, RECEIPTS_FILE)
-        self.lock = threading.Lock()
-        self.counts = collections.Counter()  # reason -> receipts written
-        self.failures = 0
-
-    def append(self, receipt):
-        line = (json.dumps(receipt) + "\n").encode("utf-8")
-        try:
-            fd = self.open()
-            try:
-                written = os.write(fd, line)
-                if written != len(line):
-                    raise OSError(errno.ENOSPC, "wrote %d of %d bytes" % (written, len(line)))
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        except OSError as err:
-            with self.lock:
-                self.failures += 1
-            log.error("cannot write the receipt of GPU %d's hold %s to %s: %s",
-                      receipt["gpu"], receipt["hold"], self.path, err.strerror or err)
-            return
-        with self.lock:
-            self.counts[receipt["reason"]] += 1
-
-    def open(self):
-        """A descriptor appending to the file, which is checked and rotated first."""
-        for _ in range(3):
-            try:
-                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
-                             | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
-            except OSError as err:
-                if err.errno not in (errno.ELOOP, errno.ENXIO, errno.EISDIR):
-                    raise
-                self.move_aside("is a symlink, a FIFO or a directory")
-                continue
-            info = os.fstat(fd)
-            problem = ("is not a regular file" if not stat.S_ISREG(info.st_mode) else
-                       "is not the daemon's user's, or others may read or write it (uid %d, mode "
-                       "%04o)" % (info.st_uid, stat.S_IMODE(info.st_mode))
-                       if info.st_uid != os.geteuid() or info.st_mode & 0o077 else None)
-            if problem is None and info.st_size < RECEIPTS_ROTATE_BYTES:
-                return fd
-            try:
-                if problem is not None:
-                    self.move_aside(problem)
-                else:
-                    fcntl.flock(fd, fcntl.LOCK_EX)  # one daemon of the node rotates it
-                    current = os.stat(self.path)
-                    if (current.st_ino, current.st_dev) == (info.st_ino, info.st_dev):
-                        os.rename(self.path, self.path + ".1")
-            finally:
-                os.close(fd)
-        raise OSError(errno.EAGAIN, "the file keeps being replaced")
-
-    def move_aside(self, problem):
-        aside = "%s.bad-%s" % (self.path, time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
-        try:
-            os.rename(self.path, aside)
-        except OSError as err:
-            aside = "nowhere (%s)" % (err.strerror or err)
-        log.error("the receipts file %s %s; moved it to %s and began a new one", self.path,
-                  problem, aside)
-
-    def written(self, hold_id):
-        """Whether a receipt of the hold is on file already (a daemon that died after writing
-        it and before ending the hold): read line by line, never whole."""
-        needle = ('"hold": "%s"' % hold_id).encode()
-        try:
-            return any(needle in line for line in receipt_lines(os.path.dirname(self.path)))
-        except OSError:
-            return False
-
-
-def receipt_lines(directory):
-    """The lines of receipts.jsonl.1, then of receipts.jsonl, read as they come."""
-    for name in (RECEIPTS_FILE + ".1", RECEIPTS_FILE):
-        try:
-            fd = os.open(os.path.join(directory, name), os.O_RDONLY | os.O_NONBLOCK
-                         | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except FileNotFoundError:
-            continue
-        with os.fdopen(fd, "rb") as opened:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise OSError(errno.EINVAL, "%s is not a regular file" % opened.name)
-            too_long = False
-            for line in iter(lambda: opened.readline(MAX_RECEIPT_BYTES), b""):
-                if not too_long and line.endswith(b"\n"):
-                    yield line
-                too_long = not line.endswith(b"\n")  # the rest of a line past the bound
-
-
-# ---- Holds: who changed which GPU, the settings to put back, the state file of the node ----
+# ---- State files: the state directory, and holds.json under flock, its Holds as data ----
 
 HOLDS_FILE = "holds.json"
 HOLDS_LOCK = "holds.lock"
-WATCH_INTERVAL_S = 1.0  # how often session leaders are polled where pidfd_open is missing
-PIDFD_OPEN = getattr(os, "pidfd_open", None)  # Python 3.9 and Linux 5.3 or newer
-RESTORE_WAIT_S = 30.0  # how long a release waits for a GPU's restore
-RESTORE_POLL_S = 0.05  # how often a release looks whether another daemon's restore is done
-NEVER = threading.Event()  # waited on for a time, never set
-RESTORE_STOP_S = 2.0  # how long a stopping daemon waits for restores at least
-RESTORE_OPERATIONS = ("set_power_limit", "set_persistence_mode", "reset_locked_clocks")
-MAX_SESSIONS = 64  # sessions one hold records: a uid cannot grow the state file without bound
 HOLDS_RECORD_LIMIT = 1 << 20  # a change that would grow holds.json past this is refused
 HOLDS_FILE_LIMIT = HOLDS_RECORD_LIMIT + MAX_FILE_BYTES  # room for the daemon's own marks
-MAX_CHANGES = 100  # changes one hold records; the rest are counted
-MAX_WATCH_SLEEP_S = 3600.0  # the watcher looks again at least this often (poll takes < 2^31 ms)
-# An owner: a uid and the login session it asked from (UDS), or a token's user and expiry (TCP);
-# admin: an admin token's user, to holds what uid 0 over UDS is.
-Owner = collections.namedtuple("Owner", "uid user session exp admin")
-Owner.__new__.__defaults__ = (False,)
-UNSEEN_SESSION = [0, 0]  # the session of a caller the daemon cannot see (another PID namespace)
-MAX_ANCESTORS = 4096  # how far up session_of climbs (pids get reused while it climbs)
-CLOCK_BOOTTIME = getattr(time, "CLOCK_BOOTTIME", 7)  # Linux's; time has the name from 3.7
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def stat_fields(pid):
-    """The fields of /proc/<pid>/stat after the command name, or None."""
-    try:
-        with open("/proc/%d/stat" % pid, "rb") as stat_file:
-            return stat_file.read().rpartition(b")")[2].split()
-    except OSError:
-        return None
-
-
-def process_start(pid):
-    """The start time of a live process (clock ticks since boot), or None (for a process that
-    has exited too, while it waits to be reaped)."""
-    fields = stat_fields(pid)
-    if not fields or len(fields) < 20 or fields[0] in (b"Z", b"X"):
-        return None
-    return int(fields[19])
-
-
-def boot_ticks():
-    """Now, in the clock ticks since boot that /proc/<pid>/stat gives start times in."""
-    return int(time.clock_gettime(CLOCK_BOOTTIME) * CLOCK_TICKS)
-
-
-def session_of(pid, connected=None):
-    """[leader pid, leader start time] of a process's login session. The start time tells a
-    session from a later one whose leader got the same pid. A session begun outside the
-    daemon's PID namespace (its id reads 0 here, `nsenter`, `docker exec`) is led by the process
-    that entered the namespace: the caller's topmost ancestor here. UNSEEN_SESSION for a
-    caller outside the namespace (pid 0); an ended session for one already gone, or for a
-    process that started after its connection did (connected, in boot_ticks(): it got the
-    caller's pid since, and is not the caller)."""
-    if not pid:
-        return list(UNSEEN_SESSION)
-    fields = stat_fields(pid)
-    if not fields or len(fields) < 20 or connected is not None and (
-            fields[0] in (b"Z", b"X") or int(fields[19]) > connected):
-        return [pid, 0]
-    leader = int(fields[3])
-    if leader == 0:
-        leader = pid
-        for _ in range(MAX_ANCESTORS):
-            parent = stat_fields(leader)
-            if not parent or int(parent[1]) == 0:
-                break
-            leader = int(parent[1])
-    return [leader, process_start(leader) or 0]
-
-
-def alive(process):
-    """Whether a [pid, start time] pair is a process still running; an unseen session always
-    is (its end cannot be seen: only a release or the daemon's stop ends its holds)."""
-    if process == UNSEEN_SESSION:
-        return True
-    return bool(process[1]) and process_start(process[0]) == process[1]
-
-
-def iso_time(milliseconds):
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(milliseconds // 1000))
 
 
 def check_state_directory(path, socket_directory):
@@ -2256,44 +1757,6 @@ def check_state_directory(path, socket_directory):
         raise StartupError("the state directory %s %s: the daemon keeps the GPUs' saved "
                            "settings there (--state-dir; --no-restore keeps no state)"
                            % (path, problem))
-
-
-CAP_SYS_PTRACE = 19
-
-
-def hidden_processes():
-    """Why this daemon cannot see its clients' processes in /proc, or None: /proc mounted with
-    hidepid (systemd's ProtectProc=invisible or noaccess does that), the daemon neither in the
-    mount's gid= group nor holding CAP_SYS_PTRACE."""
-    options = []
-    try:
-        with open("/proc/self/mountinfo") as mounts:
-            for line in mounts:
-                fields = line.split()
-                if len(fields) > 4 and fields[4] == "/proc":  # the last one is on top
-                    options = line.rpartition(" - ")[2].split()[-1].split(",")
-        with open("/proc/self/status") as status:
-            effective = next(int(line.split()[1], 16) for line in status
-                             if line.startswith("CapEff:"))
-    except (OSError, ValueError, IndexError, StopIteration):
-        return None
-    settings = dict(option.partition("=")[::2] for option in options)
-    hidepid = settings.get("hidepid", "0")
-    exempt = settings.get("gid") in set(str(gid) for gid in os.getgroups() + [os.getegid()])
-    if hidepid in ("0", "off") or exempt or effective >> CAP_SYS_PTRACE & 1:
-        return None
-    return "/proc is mounted with hidepid=%s and the daemon lacks CAP_SYS_PTRACE" % hidepid
-
-
-def check_process_visibility():
-    """Exit 1 when the daemon cannot see its clients' sessions, which every hold needs."""
-    hidden = hidden_processes()
-    if hidden is not None:
-        raise StartupError("%s: it cannot see its clients' sessions, so every GPU hold would "
-                           "be restored as soon as it is made. Give the daemon CAP_SYS_PTRACE "
-                           "(systemd: a drop-in with [Service] CapabilityBoundingSet="
-                           "CAP_SYS_PTRACE, added to the unit's set), or mount /proc without "
-                           "hidepid, or pass --no-restore" % hidden)
 
 
 class HoldStore:
@@ -2453,6 +1916,169 @@ def holds_json(holds):
                       sort_keys=True)
 
 
+
+# ---- Receipts: the energy of every ended hold, one JSON line each in receipts.jsonl ----
+
+RECEIPTS_FILE = "receipts.jsonl"
+RECEIPTS_ROTATE_BYTES = 64 << 20  # past this the file becomes receipts.jsonl.1
+MAX_RECEIPT_BYTES = 1 << 20  # a longer line is no receipt, and is skipped as it is read
+SAVED_ORDER = ("power_limit_mw", "persistence_mode", "gpu_locked_clocks", "mem_locked_clocks")
+CHANGE_ORDER = ("t_ms", "op")
+
+
+def holder_name(hold):
+    """A hold's user: the token's sub, or the passwd name of its uid (None if it has none)."""
+    uid = hold.uid
+    if uid is None:
+        return hold.user
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return None
+
+
+def hold_energy(hold, energy_mj, note=None):
+    """(J since the hold began, to 3 decimals, None), or (None, why not), given the GPU's
+    energy counter now (None, with note: no reading)."""
+    start = hold.energy_mj
+    if start is None:
+        return None, hold.energy_note or "no energy reading when the hold began"
+    if energy_mj is None:
+        return None, note
+    if energy_mj < start:
+        return None, "the GPU's energy counter went backwards during the hold (a driver reload?)"
+    return round((energy_mj - start) / 1000.0, 3), None
+
+
+def receipt_of(hold, gpu, uuid, energy_mj, energy_note, reason, restore):
+    """The receipt of a hold that ends now."""
+    energy_j, note = hold_energy(hold, energy_mj, energy_note)
+    receipt = collections.OrderedDict([
+        ("hold", hold.id), ("gpu", gpu), ("uuid", uuid), ("uid", hold.uid),
+        ("user", holder_name(hold)), ("job", hold.job), ("since_ms", hold.since_ms),
+        ("until_ms", int(time.time() * 1000)), ("energy_j", energy_j)])
+    if note is not None:
+        receipt["energy_note"] = note
+    receipt["changes"] = [in_order(change, CHANGE_ORDER) for change in hold.changes]
+    if hold.changes_left_out:
+        receipt["changes_left_out"] = hold.changes_left_out
+    receipt.update([("saved", in_order(hold.saved, SAVED_ORDER)), ("reason", reason),
+                    ("restore", restore)])
+    return receipt
+
+
+def in_order(record, order):
+    """A record's keys in the order the receipts show them (the state file sorts them)."""
+    return collections.OrderedDict(sorted(record.items(), key=lambda item: (
+        order.index(item[0]) if item[0] in order else len(order), item[0])))
+
+
+class Receipts:
+    """receipts.jsonl in the state directory: one JSON line per ended hold, appended (O_APPEND)
+    and fsynced; past 64 MiB renamed to receipts.jsonl.1 (replacing it) and begun anew. A file
+    that is not the daemon's user's 0600 regular file (a symlink, a FIFO, another user's) is
+    moved aside with an ERROR line. A receipt that cannot be written is an ERROR line, counted:
+    the hold ends all the same."""
+
+    def __init__(self, directory):
+        self.path = os.path.join(directory, RECEIPTS_FILE)
+        self.lock = threading.Lock()
+        self.counts = collections.Counter()  # reason -> receipts written
+        self.failures = 0
+
+    def append(self, receipt):
+        line = (json.dumps(receipt) + "\n").encode("utf-8")
+        try:
+            fd = self.open()
+            try:
+                written = os.write(fd, line)
+                if written != len(line):
+                    raise OSError(errno.ENOSPC, "wrote %d of %d bytes" % (written, len(line)))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as err:
+            with self.lock:
+                self.failures += 1
+            log.error("cannot write the receipt of GPU %d's hold %s to %s: %s",
+                      receipt["gpu"], receipt["hold"], self.path, err.strerror or err)
+            return
+        with self.lock:
+            self.counts[receipt["reason"]] += 1
+
+    def open(self):
+        """A descriptor appending to the file, which is checked and rotated first."""
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
+                             | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
+            except OSError as err:
+                if err.errno not in (errno.ELOOP, errno.ENXIO, errno.EISDIR):
+                    raise
+                self.move_aside("is a symlink, a FIFO or a directory")
+                continue
+            info = os.fstat(fd)
+            problem = ("is not a regular file" if not stat.S_ISREG(info.st_mode) else
+                       "is not the daemon's user's, or others may read or write it (uid %d, mode "
+                       "%04o)" % (info.st_uid, stat.S_IMODE(info.st_mode))
+                       if info.st_uid != os.geteuid() or info.st_mode & 0o077 else None)
+            if problem is None and info.st_size < RECEIPTS_ROTATE_BYTES:
+                return fd
+            try:
+                if problem is not None:
+                    self.move_aside(problem)
+                else:
+                    fcntl.flock(fd, fcntl.LOCK_EX)  # one daemon of the node rotates it
+                    current = os.stat(self.path)
+                    if (current.st_ino, current.st_dev) == (info.st_ino, info.st_dev):
+                        os.rename(self.path, self.path + ".1")
+            finally:
+                os.close(fd)
+        raise OSError(errno.EAGAIN, "the file keeps being replaced")
+
+    def move_aside(self, problem):
+        aside = "%s.bad-%s" % (self.path, time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
+        try:
+            os.rename(self.path, aside)
+        except OSError as err:
+            aside = "nowhere (%s)" % (err.strerror or err)
+        log.error("the receipts file %s %s; moved it to %s and began a new one", self.path,
+                  problem, aside)
+
+    def written(self, hold_id):
+        """Whether a receipt of the hold is on file already (a daemon that died after writing
+        it and before ending the hold): read line by line, never whole."""
+        needle = ('"hold": "%s"' % hold_id).encode()
+        try:
+            return any(needle in line for line in receipt_lines(os.path.dirname(self.path)))
+        except OSError:
+            return False
+
+
+def receipt_lines(directory):
+    """The lines of receipts.jsonl.1, then of receipts.jsonl, read as they come."""
+    for name in (RECEIPTS_FILE + ".1", RECEIPTS_FILE):
+        try:
+            fd = os.open(os.path.join(directory, name), os.O_RDONLY | os.O_NONBLOCK
+                         | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue
+        with os.fdopen(fd, "rb") as opened:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(errno.EINVAL, "%s is not a regular file" % opened.name)
+            too_long = False
+            for line in iter(lambda: opened.readline(MAX_RECEIPT_BYTES), b""):
+                if not too_long and line.endswith(b"\n"):
+                    yield line
+                too_long = not line.endswith(b"\n")  # the rest of a line past the bound
+
+
+
+# ---- Restores: putting a GPU's saved settings back, and the receipt of its hold ----
+
+RESTORE_OPERATIONS = ("set_power_limit", "set_persistence_mode", "reset_locked_clocks")
+
+
 class RestoreJob:
     """Puts a GPU's saved settings back, on its control worker: the power limit, then the
     persistence mode, then both locked clocks reset; its receipt, one audit line, and the hold
@@ -2499,6 +2125,26 @@ class RestoreJob:
         self.done.set()
 
 
+
+# ---- Holds: who changed which GPU, the settings to put back, the state file of the node ----
+
+WATCH_INTERVAL_S = 1.0  # how often session leaders are polled where pidfd_open is missing
+RESTORE_WAIT_S = 30.0  # how long a release waits for a GPU's restore
+RESTORE_POLL_S = 0.05  # how often a release looks whether another daemon's restore is done
+NEVER = threading.Event()  # waited on for a time, never set
+RESTORE_STOP_S = 2.0  # how long a stopping daemon waits for restores at least
+MAX_SESSIONS = 64  # sessions one hold records: a uid cannot grow the state file without bound
+MAX_CHANGES = 100  # changes one hold records; the rest are counted
+# An owner: a uid and the login session it asked from (UDS), or a token's user and expiry (TCP);
+# admin: an admin token's user, to holds what uid 0 over UDS is.
+Owner = collections.namedtuple("Owner", "uid user session exp admin")
+Owner.__new__.__defaults__ = (False,)
+
+
+def iso_time(milliseconds):
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(milliseconds // 1000))
+
+
 class HoldClaim:
     """What a control command asks of the holds, on its GPU's worker (see Holds.claim and
     Holds.changed): before, whether owner may change the GPU, its hold made or extended; after,
@@ -2542,7 +2188,7 @@ class Holds:
         self.running = {}  # gpu -> the RestoreJob this daemon runs on it
         self.unended = {}  # gpu -> id of a hold that ended but could not be written out yet
         self.unknown = set()  # ids of holds of GPUs this daemon does not have (logged once)
-        self.watcher = HoldsWatcher(self)
+        self.wake_read, self.wake_write = os.pipe()  # wake() -> the watcher looks again
 
     # Changes and releases, for the API
 
@@ -2786,8 +2432,8 @@ class Holds:
                 if not hold.restoring}
 
     def wake(self):
-        """Have the watcher look at the holds again (they changed)."""
-        self.watcher.wake()
+        """Have the watcher (HoldsWatcher) look at the holds again: they changed."""
+        os.write(self.wake_write, b"w")
 
     def restore_all(self, reason):
         """Restore every hold this daemon keeps (it is stopping), waiting for these restores
@@ -2812,7 +2458,12 @@ class Holds:
                           job.reason, bound, self.store.path)
 
 
+
 # ---- Holds watcher: restores the holds whose owner is gone, adopts those of dead daemons ----
+
+PIDFD_OPEN = getattr(os, "pidfd_open", None)  # Python 3.9 and Linux 5.3 or newer
+MAX_WATCH_SLEEP_S = 3600.0  # the watcher looks again at least this often (poll takes < 2^31 ms)
+
 
 class HoldsWatcher:
     """One thread that restores a hold when the owner's last session has ended (UDS owners),
@@ -2825,7 +2476,6 @@ class HoldsWatcher:
     def __init__(self, holds):
         self.holds = holds
         self.stopped = False
-        self.wake_read, self.wake_write = os.pipe()
         self.pidfds = {}  # session leader pid -> its pidfd
 
     def start(self):
@@ -2834,14 +2484,11 @@ class HoldsWatcher:
 
     def stop(self):
         self.stopped = True
-        self.wake()
-
-    def wake(self):
-        os.write(self.wake_write, b"w")
+        self.holds.wake()
 
     def watch(self):
-        poller = select.poll()
-        poller.register(self.wake_read, select.POLLIN)
+        poller, wake = select.poll(), self.holds.wake_read
+        poller.register(wake, select.POLLIN)
         failing = False
         while not self.stopped:
             try:
@@ -2856,8 +2503,8 @@ class HoldsWatcher:
                               WATCH_INTERVAL_S)
                 failing, timeout = True, WATCH_INTERVAL_S
             for fd, _ in poller.poll(None if timeout is None else timeout * 1000 + 1):
-                if fd == self.wake_read:
-                    os.read(self.wake_read, 4096)
+                if fd == wake:
+                    os.read(wake, 4096)
         for fd in self.pidfds.values():
             os.close(fd)
 
@@ -2935,6 +2582,7 @@ class HoldsWatcher:
                     del holds.unended[gpu]
         holds.run(jobs)
         return leaders, min(expiries) if expiries else None
+
 
 
 # ---- Sampling: demand-driven samplers, one read per device per tick, isolated from hangs ----
@@ -3303,6 +2951,7 @@ class Node:
         self.control = GpuControl(self.gpu) if "gpu-control" in groups else None
         self.holds = Holds(hold_store, self.control, self.gpu) \
             if self.control is not None and hold_store is not None else None
+        self.watcher = HoldsWatcher(self.holds) if self.holds is not None else None
         self.gpu_calls = BoundedCalls("GPU")
         self.gpu_sampler = Sampler(gpu_hz, GpuPowerMeter(self.gpu))
         self.cpu_sampler = Sampler(cpu_hz, CpuPowerMeter(self.cpus, 1.0 / cpu_hz))
@@ -3310,8 +2959,7 @@ class Node:
 
     def workers(self):
         """The node's background workers, each with start() and stop()."""
-        watcher = self.holds.watcher if self.holds is not None else None
-        return [worker for worker in (self.control, watcher, self.gpu_calls, self.gpu_sampler,
+        return [worker for worker in (self.control, self.watcher, self.gpu_calls, self.gpu_sampler,
                                       self.cpu_sampler, self.guard) if worker is not None]
 
     def start(self):
@@ -3324,6 +2972,17 @@ class Node:
 
 
 # ---- HTTP, replies: the one reply type, and how device errors map to statuses ----
+
+class HttpError(Exception):
+    """A request that ends in an error status: a JSON {"error": message} with extra headers,
+    as (name, value) pairs."""
+
+    def __init__(self, status, message, headers=()):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers
+
 
 DEVICE_STATUS = {"invalid-argument": 400, "not-supported": 400, "no-permission": 403,
                  "conflict": 409, "busy": 503, "full": 503, "timeout": 503, "failed": 500}
@@ -3371,12 +3030,46 @@ def errors_reply(errors):
 
 EMPTY_OK = Reply(200)
 NO_STEP = contextlib.suppress()  # a with-block that does nothing
+REASONS = {100: "Continue", 200: "OK", 400: "Bad Request", 401: "Unauthorized",
+           403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed", 409: "Conflict",
+           408: "Request Timeout", 413: "Content Too Large", 414: "URI Too Long",
+           431: "Request Header Fields Too Large", 500: "Internal Server Error",
+           503: "Service Unavailable", 505: "HTTP Version Not Supported"}
+STATUS_LINES = {code: ("HTTP/1.1 %d %s\r\n" % (code, reason)).encode()
+                for code, reason in REASONS.items()}
+SERVER_HEADER = ("Server: zeusd-py/%s\r\n" % __version__).encode()
+JSON_TYPE = b"Content-Type: application/json\r\n"
+PLAIN_HEADS = {code: line + SERVER_HEADER for code, line in STATUS_LINES.items()}
+JSON_HEADS = {code: line + SERVER_HEADER + JSON_TYPE for code, line in STATUS_LINES.items()}
+CLOSE = b"Connection: close\r\n"
+KEEP_ALIVE = b"Connection: keep-alive\r\n"
+CONTINUE = STATUS_LINES[100] + b"\r\n"
+SSE_HEAD = (STATUS_LINES[200] + SERVER_HEADER + b"Content-Type: text/event-stream\r\n"
+            b"Cache-Control: no-cache\r\nConnection: close\r\n\r\n")
+
+
+def reply_bytes(reply, connection=b"", head_only=False):
+    """A Reply's status line, headers and body, to go out in one write."""
+    body, headers = reply.body, reply.headers
+    if not headers:  # the usual reply, kept to one format (a measured 450 instructions less)
+        head = b"%sContent-Length: %d\r\n%s\r\n" % (
+            (JSON_HEADS if body else PLAIN_HEADS)[reply.status], len(body), connection)
+        return head if head_only else head + body
+    extra = b"".join(b"%s: %s\r\n" % (name.encode("latin-1"), value.encode("latin-1"))
+                     for name, value in headers)
+    typed = body and not any(name.lower() == "content-type" for name, _ in headers)
+    head = b"%sContent-Length: %d\r\n%s%s\r\n" % (
+        (JSON_HEADS if typed else PLAIN_HEADS)[reply.status], len(body), extra, connection)
+    return head if head_only else head + body
+
+
+TOO_MANY_CONNECTIONS = reply_bytes(Reply(503, error_body("Too many connections")), CLOSE)
+TOO_MANY_FROM_CLIENT = reply_bytes(Reply(503, error_body("Too many connections from this client")),
+                                   CLOSE)
+
 
 
 # ---- HTTP, query parameters: strict parsing of booleans, integers and id lists ----
-
-U32_MAX = 2 ** 32 - 1
-
 
 def bad_request(message):
     return HttpError(400, message)
@@ -3445,6 +3138,386 @@ def select_ids(requested, available, kind, list_unknown=False):
         raise bad_request("Unknown %s indices: [%s]. Available: [%s]" % (
             kind, ", ".join(map(str, unknown)), ", ".join(map(str, available))))
     raise bad_request("%s index %d does not exist." % (kind, unknown[0]))
+
+
+
+# ---- Authentication: HS256 JSON Web Tokens, signing keys, scopes ----
+
+TOKEN_MAX_LENGTH = 8192
+TOO_LONG_TOKEN = "Invalid token: longer than %d characters." % TOKEN_MAX_LENGTH
+CACHE_ENTRY_BYTES = 256  # what a cached outcome costs beside its token, about
+LEEWAY_S = 60
+BASE64URL = re.compile(r"[A-Za-z0-9_-]*")
+OPEN_PATHS = ("/discover", "/time", "/health")
+BEARER_CHALLENGE = (("WWW-Authenticate", 'Bearer realm="zeusd"'),)
+# gpus: absent = every GPU (the Rust daemon's tokens); admin: to holds what uid 0 over UDS is
+Claims = collections.namedtuple("Claims", "sub scopes exp gpus admin")
+Claims.__new__.__defaults__ = (None, False)
+
+
+def unauthorized(message):
+    return HttpError(401, message, BEARER_CHALLENGE)
+
+
+def b64url_encode(data):
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def b64url_decode(text):
+    """The bytes of canonical unpadded base64url: one spelling per value, as signed."""
+    if not BASE64URL.fullmatch(text) or len(text) % 4 == 1:
+        raise ValueError("not base64url")
+    data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    if b64url_encode(data) != text:
+        raise ValueError("not canonical base64url")
+    return data
+
+
+def unique_keys(pairs):
+    """A JSON object's dict; a key given twice is refused, as two readers could differ on it."""
+    value = dict(pairs)
+    if len(value) != len(pairs):
+        raise ValueError("duplicate key")
+    return value
+
+
+def load_signing_key(path):
+    """The key file's raw bytes, unmodified; warns if others may read it."""
+    try:
+        key, info = read_small_file(path)
+    except OSError as err:
+        raise StartupError("cannot read the signing key %s: %s" % (path, err.strerror or err))
+    mode = info.st_mode
+    if not key:
+        raise StartupError("the signing key file %s is empty; generate one with: "
+                           "openssl rand -base64 32 > %s" % (path, path))
+    if mode & 0o077:
+        log.warning("the signing key %s is readable by group or others (mode %03o); run: "
+                    "chmod 600 %s", path, mode & 0o777, path)
+    return key
+
+
+def issue_token(key, sub, scopes, exp, gpus=None, admin=False):
+    """A compact HS256 JWT with claims sub, scopes, unless None exp and gpus, and admin if
+    true."""
+    claims = {"sub": sub, "scopes": list(scopes)}
+    if exp is not None:
+        claims["exp"] = exp
+    if gpus is not None:
+        claims["gpus"] = list(gpus)
+    if admin:
+        claims["admin"] = True
+    signing_input = (b64url_encode(b'{"alg":"HS256","typ":"JWT"}') + "."
+                     + b64url_encode(json.dumps(claims, separators=(",", ":")).encode("utf-8")))
+    signature = hmac.new(key, signing_input.encode("ascii"), hashlib.sha256).digest()
+    return signing_input + "." + b64url_encode(signature)
+
+
+def decode_segment(segment, what):
+    """A token segment's JSON object; 401 for anything else (deep nesting included)."""
+    try:
+        value = json.loads(b64url_decode(segment).decode("utf-8"), object_pairs_hook=unique_keys)
+    except (ValueError, RecursionError):
+        raise unauthorized("Invalid token: the %s is not base64url-encoded JSON with distinct "
+                           "keys." % what)
+    if not isinstance(value, dict):
+        raise unauthorized("Invalid token: the %s is not a JSON object." % what)
+    return value
+
+
+def verify_token(key, token):
+    """The claims of a correctly signed HS256 token; HttpError(401) saying what is wrong."""
+    if len(token) > TOKEN_MAX_LENGTH:
+        raise unauthorized(TOO_LONG_TOKEN)
+    segments = token.split(".")
+    if len(segments) != 3:
+        raise unauthorized("Invalid token: expected three base64url segments separated by dots.")
+    header = decode_segment(segments[0], "header")
+    if header.get("alg") != "HS256":
+        raise unauthorized("Invalid token: algorithm %s is not accepted; only HS256 is."
+                           % json.dumps(header.get("alg"))[:64])
+    try:
+        signature = b64url_decode(segments[2])
+    except ValueError:
+        raise unauthorized("Invalid token: the signature is not canonical base64url.")
+    claims = decode_segment(segments[1], "payload")
+    expected = hmac.new(key, (segments[0] + "." + segments[1]).encode("ascii"),
+                        hashlib.sha256).digest()
+    if not hmac.compare_digest(signature, expected):
+        raise unauthorized("Invalid token: signature mismatch.")
+    sub, scopes, exp = claims.get("sub"), claims.get("scopes"), claims.get("exp")
+    if not isinstance(sub, str):
+        raise unauthorized("Invalid token: claim 'sub' must be a string.")
+    if not isinstance(scopes, list) or not all(isinstance(s, str) for s in scopes):
+        raise unauthorized("Invalid token: claim 'scopes' must be a list of API group names.")
+    for scope in scopes:
+        if scope not in API_GROUPS:
+            raise unauthorized("Invalid token: unknown scope %s." % json.dumps(scope)[:64])
+    if exp is not None and (type(exp) is not int or exp < 0):
+        raise unauthorized("Invalid token: claim 'exp' must be an integer.")
+    gpus = claims.get("gpus")
+    if gpus is not None:
+        if not isinstance(gpus, list) or not all(type(i) is int and 0 <= i <= U32_MAX
+                                                 for i in gpus):
+            raise unauthorized("Invalid token: claim 'gpus' must be a list of GPU indices.")
+        gpus = tuple(sorted(set(gpus)))
+    admin = claims.get("admin", False)
+    if admin is not True and admin is not False:
+        raise unauthorized("Invalid token: claim 'admin' must be true or false.")
+    return Claims(sub, tuple(scopes), exp, gpus, admin)
+
+
+class Authenticator:
+    """Checks Authorization headers against the signing key, and token scopes against groups.
+
+    Verification outcomes are cached, failures included, so that a client repeating a badly
+    signed token does not make the daemon verify it again; the cache is emptied when it holds
+    CACHE_BYTES of tokens, and a token over the length limit is refused without being kept, so
+    that a flood of distinct tokens cannot grow the daemon. The key and the cache are swapped
+    together when SIGHUP reloads the key, so that no token is ever checked against one key and
+    cached under the other.
+    """
+
+    CACHE_BYTES = 1 << 20
+
+    def __init__(self, path):
+        self.path = path
+        self.keyring = (load_signing_key(path), {})
+        self.cached_bytes = 0
+
+    def reload(self):
+        """Re-read the key file; on failure keep the current key and log why."""
+        try:
+            self.keyring, self.cached_bytes = (load_signing_key(self.path), {}), 0
+        except StartupError as err:
+            log.error("SIGHUP: keeping the current signing key: %s", err)
+        else:
+            log.info("SIGHUP: reloaded the signing key from %s", self.path)
+
+    def authenticate(self, header):
+        """The claims of the request's bearer token; HttpError(401) if it has no valid one."""
+        if header is None:
+            raise unauthorized("Authentication required. "
+                               "Provide an Authorization: Bearer <token> header.")
+        scheme, _, token = header.strip(" \t").partition(" ")
+        if scheme.lower() != "bearer":
+            raise unauthorized("Invalid token: the Authorization header must use the Bearer "
+                               "scheme.")
+        token = token.strip(" \t")
+        key, verified = self.keyring
+        claims = verified.get(token)
+        if claims is None:
+            if len(token) > TOKEN_MAX_LENGTH:
+                raise unauthorized(TOO_LONG_TOKEN)
+            try:
+                claims = verify_token(key, token)
+            except HttpError as err:
+                claims = err.message  # cached as text: a raised error would keep its frames
+            if self.cached_bytes >= self.CACHE_BYTES:
+                verified.clear()
+                self.cached_bytes = 0
+            verified[token] = claims
+            self.cached_bytes += len(token) + CACHE_ENTRY_BYTES
+        if claims.__class__ is str:
+            raise unauthorized(claims)
+        if claims.exp is not None and time.time() > claims.exp + LEEWAY_S:
+            raise unauthorized("Token has expired.")
+        return claims
+
+    @staticmethod
+    def authorize(claims, group):
+        if group not in claims.scopes:
+            raise HttpError(403, "Token for user '%s' lacks required scope '%s'. Token scopes: "
+                                 "[%s]" % (claims.sub, group,
+                                           ", ".join("'%s'" % s for s in claims.scopes)))
+
+
+# ---- Access policy: the policy file, and what each of its tables lets a caller change ----
+
+POLICY_SETTINGS = collections.OrderedDict([
+    ("power_limit_w", "power limits"), ("gpu_locked_clocks_mhz", "locked GPU clocks"),
+    ("mem_locked_clocks_mhz", "locked memory clocks"), ("persistence_mode", "persistence mode")])
+POLICY_RANGES = ("power_limit_w", "gpu_locked_clocks_mhz", "mem_locked_clocks_mhz")
+IN_USE_CHOICES = ("refuse", "allow")
+# operation -> (the policy keys it needs, the request's arguments checked against their range)
+OPERATION_RULES = {
+    "set_power_limit": (("power_limit_w",), ("power_limit_mw",)),
+    "set_gpu_locked_clocks": (("gpu_locked_clocks_mhz",), ("min_clock_mhz", "max_clock_mhz")),
+    "set_mem_locked_clocks": (("mem_locked_clocks_mhz",), ("min_clock_mhz", "max_clock_mhz")),
+    "set_persistence_mode": (("persistence_mode",), ()),
+    "reset_gpu_locked_clocks": (("gpu_locked_clocks_mhz",), ()),
+    "reset_mem_locked_clocks": (("mem_locked_clocks_mhz",), ()),
+    "reset_locked_clocks": (("gpu_locked_clocks_mhz", "mem_locked_clocks_mhz"), ()),
+    "hold": ((), ()),
+}
+
+
+class Grant:
+    """What one table, or a caller's group tables combined, allows: a GPU if any table allows
+    it; a setting on a GPU if any table that allows the GPU allows it; a range the widest
+    among those (True: the GPU's own range)."""
+
+    def __init__(self, name, tables):
+        self.name = name
+        self.tables = tables  # each {"gpus": None (all) or frozenset, setting: value}
+
+    def allows(self, gpu):
+        return any(table["gpus"] is None or gpu in table["gpus"] for table in self.tables)
+
+    def setting(self, gpu, key):
+        """False (may not), True (any value the GPU takes), or the (low, high) range."""
+        values = [table[key] for table in self.tables
+                  if (table["gpus"] is None or gpu in table["gpus"]) and table[key] is not False]
+        if not values:
+            return False
+        if True in values:
+            return True
+        return min(low for low, _ in values), max(high for _, high in values)
+
+    def gpus_text(self):
+        if any(table["gpus"] is None for table in self.tables):
+            return "every GPU"
+        gpus = sorted(set().union(*[table["gpus"] for table in self.tables]))
+        return "GPUs %s" % ", ".join(map(str, gpus)) if gpus else "no GPU"
+
+
+class Policy:
+    """The admin's --policy file, parsed and checked: the node's table, [default], and the
+    group. and user. tables by name."""
+
+    def __init__(self, path, budget_w, in_use, default, groups, users):
+        self.path = path
+        self.budget_w = budget_w
+        self.refuse_in_use = in_use == "refuse"
+        self.default = default
+        self.groups = groups
+        self.users = users
+
+    def grant(self, user, groups, token):
+        """The Grant of a caller: its user table, else (not for tokens) its groups' tables
+        combined, else [default], else None (it may change nothing)."""
+        if user is not None and user in self.users:
+            return Grant("user." + user, [self.users[user]])
+        named = [] if token else [name for name in groups if name in self.groups]
+        if named:
+            return Grant(", ".join("group." + name for name in named),
+                         [self.groups[name] for name in named])
+        if self.default is not None:
+            return Grant("default", [self.default])
+        return None
+
+
+def policy_refusal(grant, who, operation, ids, arguments, gpu_ids):
+    """Why the Grant (None: no table) does not let who make the change on the GPUs ids, as
+    the 403 says it, or None if it does."""
+    if grant is None:
+        return ("%s may not change GPU settings (policy: no table names it, and there is no "
+                "[default])." % who)
+    for gpu in ids:
+        if not grant.allows(gpu):
+            return "%s may not change GPU %d (policy: %s allows %s)." % (
+                who, gpu, grant.name, grant.gpus_text())
+    keys, checked = OPERATION_RULES[operation]
+    for gpu in ids:
+        for key in keys:
+            allowed, what = grant.setting(gpu, key), POLICY_SETTINGS[key]
+            if allowed is False:
+                elsewhere = any(grant.setting(other, key) is not False for other in gpu_ids)
+                return "%s may not %s %s%s (policy: %s)." % (
+                    who, operation.partition("_")[0], what, " on GPU %d" % gpu if elsewhere
+                    else "", grant.name)
+            if allowed is True or not checked:
+                continue
+            scale, unit = (1000, "W") if key == "power_limit_w" else (1, "MHz")
+            asked = [arguments[name] for name in checked]
+            if not all(allowed[0] * scale <= value <= allowed[1] * scale for value in asked):
+                return "%s may set %s of %d to %d %s on GPU %d (policy: %s); asked %s %s." % (
+                    who, what, allowed[0], allowed[1], unit, gpu, grant.name,
+                    " to ".join("%g" % (value / float(scale)) for value in asked), unit)
+    return None
+
+
+def load_policy(path, gpu_count=None, flag="--policy"):
+    """The Policy of a trusted policy file; StartupError naming the file, line and key."""
+    reader = read_trusted_toml(path, flag, "a policy others could change")
+    try:
+        return parse_policy(path, reader.document(), reader.lines, gpu_count)
+    except ValueError as err:
+        raise StartupError("%s %s: %s" % (flag, path, err))
+
+
+def parse_policy(path, document, lines, gpu_count):
+    """A Policy from a parsed document; ValueError("line N: [table] key: problem")."""
+    def fail(table, key, problem):
+        line = lines.get("%s.%s" % (table, key)) or lines.get(table) or 0
+        raise ValueError("line %d: [%s] %s%s" % (line, table, key + ": " if key else "",
+                                                  problem))
+
+    def table_of(name, values):
+        table = {"gpus": frozenset(), "persistence_mode": False}
+        table.update((key, False) for key in POLICY_RANGES)
+        for key, value in values.items():
+            if key == "gpus":
+                table["gpus"] = gpus_of(name, value)
+            elif key in POLICY_RANGES:
+                table[key] = range_of(name, key, value)
+            elif key == "persistence_mode":
+                if not isinstance(value, bool):
+                    fail(name, key, "expected true or false")
+                table[key] = value
+            else:
+                fail(name, key, "unknown key (expected gpus, %s)" % ", ".join(POLICY_SETTINGS))
+        return table
+
+    def gpus_of(name, value):
+        if value == "all":
+            return None
+        if not isinstance(value, list) or not all(type(i) is int and i >= 0 for i in value):
+            fail(name, "gpus", 'expected "all" or a list of GPU indices such as [0, 1]')
+        missing = [i for i in value if gpu_count is not None and i >= gpu_count]
+        if missing:
+            fail(name, "gpus", "GPU %d does not exist (this node has %d)" % (missing[0],
+                                                                            gpu_count))
+        return frozenset(value)
+
+    def range_of(name, key, value):
+        if isinstance(value, bool):
+            return value
+        if not isinstance(value, list) or len(value) != 2 or not all(
+                type(v) is int and 0 <= v <= U32_MAX for v in value):
+            fail(name, key, "expected an inclusive range [low, high] of whole numbers, true (the "
+                            "GPU's own range) or false (never)")
+        if value[0] > value[1]:
+            fail(name, key, "the range is backwards: %d is above %d" % tuple(value))
+        return tuple(value)
+
+    budget_w, in_use, default, groups, users = None, "refuse", None, {}, {}
+    for name, values in document.items():
+        if name == "node":
+            for key, value in values.items():
+                if key == "gpu_power_budget_w":
+                    if type(value) is not int or value <= 0:
+                        fail(name, key, "expected a positive whole number of watts")
+                    budget_w = value
+                elif key == "in_use_by_others":
+                    if value not in IN_USE_CHOICES:
+                        fail(name, key, 'expected "refuse" or "allow"')
+                    in_use = value
+                else:
+                    fail(name, key, "unknown key (expected gpu_power_budget_w, "
+                                    "in_use_by_others)")
+        elif name == "default":
+            default = table_of(name, values)
+        elif name in ("group", "user"):
+            for member, member_values in values.items():
+                if not isinstance(member_values, dict):
+                    fail(name, member, "expected a table [%s.NAME]" % name)
+                (groups if name == "group" else users)[member] = table_of(
+                    "%s.%s" % (name, member), member_values)
+        else:
+            fail(name, "", "unknown table (expected [node], [default], [group.NAME] or "
+                           "[user.NAME])")
+    return Policy(path, budget_w, in_use, default, groups, users)
 
 
 # ---- Access: who asks (the principal), and whether it may make the change it asks for ----
@@ -3535,19 +3608,6 @@ class Principal:
         if self.claims is not None:
             return "user '%s'" % self.claims.sub
         return "an unauthenticated TCP caller"
-
-
-def process_uid(pid):
-    """The real uid of a process, from /proc/<pid>/status; None where the daemon cannot see
-    it."""
-    try:
-        with open("/proc/%d/status" % pid, "rb") as status:
-            for line in status:
-                if line.startswith(b"Uid:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
 
 
 def uid_text(uid):
@@ -3770,409 +3830,10 @@ def log_policy(policy):
                      name)
 
 
-# ---- HTTP, API: routes and their handlers, behind group gating, auth and method checks ----
-
-Request = collections.namedtuple("Request", "method path query version headers caller")
-Route = collections.namedtuple("Route", "group method params handler")
-Stream = collections.namedtuple("Stream", "sampler ids per_device")
-IDS = (parse_ids, False)
-REQUIRED_IDS = (parse_ids, True)
-BOOL = (parse_bool, True)
-U32 = (parse_u32, True)
-HEALTHY = Reply(200, b'{"status": "ok"}')
-NO_ARGUMENTS = {}  # the arguments of a request without a query string, shared: never changed
-INTERNAL_ERROR = Reply(500, error_body("Internal server error; see the daemon's log."),
-                       reason="internal error (traceback above)")
-
-
-def hold_json(hold, energy_mj, energy_note):
-    """A hold as /gpu/holds shows it, given its GPU's energy counter now."""
-    energy_j, note = hold_energy(hold, energy_mj, energy_note)
-    shown = {"uid": hold.uid, "user": holder_name(hold),
-             "sessions": [session[0] for session in hold.sessions] if hold.uid is not None
-             else None, "since_ms": hold.since_ms, "saved": hold.saved, "energy_j": energy_j,
-             "changes": hold.changes}
-    if note is not None:
-        shown["energy_note"] = note
-    return shown
-
-
-class Api:
-    """Answers a parsed request: group gate, auth, route with its scope and method, parameters,
-    handler, in that order; every failure becomes an error Reply."""
-
-    def __init__(self, node, groups, authenticator, stream_format="per-device", access=None):
-        self.node = node
-        self.groups = groups
-        self.auth = authenticator
-        self.access = access or Access(node)
-        self.stream_format = stream_format
-        self.per_device = stream_format == "per-device"
-        self.disabled = {}
-        self.routes = {}
-        for path, route in self.all_routes().items():
-            if route.group is not None and route.group not in groups:
-                self.disabled[path] = "API group '%s' is not enabled on this server." % route.group
-            else:
-                self.routes[path] = route
-        if authenticator is None:
-            del self.routes["/auth/whoami"]
-            self.disabled["/auth/whoami"] = "Authentication is not enabled on this server."
-        if "gpu-read" not in groups and "cpu-read" not in groups:
-            del self.routes["/metrics"]
-            self.disabled["/metrics"] = ("Neither API group 'gpu-read' nor 'cpu-read' is enabled "
-                                         "on this server.")
-        self.required = {path: [name for name, (_, required) in (route.params or {}).items()
-                                if required] for path, route in self.routes.items()}
-        self.metrics = Metrics(node, groups, list(self.routes) + list(self.disabled), self.access)
-        self.discover_reply = Reply(200, json_body(self.discovery()))
-
-    def all_routes(self):
-        gpu, gpu_ids, ctl = self.node.gpu, {"gpu_ids": IDS}, {"gpu_ids": REQUIRED_IDS,
-                                                               "block": BOOL}
-        clocks = dict(ctl, min_clock_mhz=U32, max_clock_mhz=U32)
-        return {
-            "/discover": Route(None, "GET", None, self.discover),
-            "/time": Route(None, "GET", None, self.time),
-            "/health": Route(None, "GET", {"strict": (parse_bool, False)}, self.health),
-            "/auth/whoami": Route(None, "GET", None, self.whoami),
-            "/metrics": Route(None, "GET", None, self.scrape),
-            "/gpu/set_power_limit": Route(
-                "gpu-control", "POST", dict(ctl, power_limit_mw=U32),
-                self.control("set_power_limit", "power_limit_mw")),
-            "/gpu/set_persistence_mode": Route(
-                "gpu-control", "POST", dict(ctl, enabled=BOOL),
-                self.control("set_persistence_mode", "enabled")),
-            "/gpu/set_gpu_locked_clocks": Route(
-                "gpu-control", "POST", clocks,
-                self.control("set_gpu_locked_clocks", "min_clock_mhz", "max_clock_mhz")),
-            "/gpu/reset_gpu_locked_clocks": Route(
-                "gpu-control", "POST", ctl, self.control("reset_gpu_locked_clocks")),
-            "/gpu/set_mem_locked_clocks": Route(
-                "gpu-control", "POST", clocks,
-                self.control("set_mem_locked_clocks", "min_clock_mhz", "max_clock_mhz")),
-            "/gpu/reset_mem_locked_clocks": Route(
-                "gpu-control", "POST", ctl, self.control("reset_mem_locked_clocks")),
-            "/gpu/reset_locked_clocks": Route(
-                "gpu-control", "POST", ctl, self.control("reset_locked_clocks")),
-            "/gpu/release": Route("gpu-control", "POST", gpu_ids, self.release),
-            "/gpu/hold": Route("gpu-control", "POST", {"gpu_ids": REQUIRED_IDS},
-                               self.control("hold")),
-            "/gpu/holds": Route("gpu-read", "GET", gpu_ids, self.holds),
-            "/gpu/get_power": Route("gpu-read", "GET", gpu_ids, self.gpu_power),
-            "/gpu/stream_power": Route("gpu-read", "GET", gpu_ids, self.gpu_stream),
-            "/gpu/get_cumulative_energy": Route(
-                "gpu-read", "GET", gpu_ids, self.gpu_read(gpu.energy_mj, lambda value: {
-                    "energy_mj": value})),
-            "/gpu/get_power_limit": Route(
-                "gpu-read", "GET", gpu_ids, self.gpu_read(gpu.power_limit_mw, lambda value: {
-                    "power_limit_mw": value})),
-            "/gpu/get_power_limit_constraints": Route("gpu-read", "GET", gpu_ids,
-                                                      self.constraints),
-            "/gpu/policy": Route("gpu-control", "GET", gpu_ids, self.policy),
-            "/gpu/get_persistence_mode": Route(
-                "gpu-read", "GET", gpu_ids, self.gpu_read(gpu.persistence_mode, lambda value: {
-                    "enabled": value})),
-            "/cpu/get_cumulative_energy": Route(
-                "cpu-read", "GET", {"cpu_ids": IDS, "cpu": BOOL, "dram": BOOL}, self.cpu_energy),
-            "/cpu/get_power": Route("cpu-read", "GET", {"cpu_ids": IDS}, self.cpu_power),
-            "/cpu/stream_power": Route("cpu-read", "GET", {"cpu_ids": IDS}, self.cpu_stream),
-        }
-
-    def discovery(self):
-        node = self.node
-        return {
-            "gpu_ids": list(node.gpu_ids),
-            "cpu_ids": list(node.cpu_ids),
-            "dram_available": [package.dram is not None for package in node.cpus],
-            "enabled_api_groups": list(self.groups),
-            "auth_required": self.auth is not None,
-            "gpus": [{"id": i, "name": gpu.name, "pci_address": gpu.pci_address,
-                      "cumulative_energy_available": gpu.cumulative_energy_available}
-                     for i, gpu in enumerate(node.gpu.gpus)],
-            "cpus": [{"id": package.index, "name": package.name,
-                      "dram_available": package.dram is not None} for package in node.cpus],
-            "version": __version__,
-            "stream_format": self.stream_format,
-        }
-
-    def handle(self, request):
-        """(a Reply or a Stream, the token's user or None) for a parsed request: the group
-        gate, authentication, the route with its scope and method, the parameters, the
-        handler."""
-        claims = None
-        path = request.path
-        try:
-            message = self.disabled.get(path)
-            if message is not None:
-                return Reply(404, error_body(message), reason=message), None
-            if self.auth is not None and path not in OPEN_PATHS:
-                claims = self.auth.authenticate(request.headers.get("authorization"))
-            route = self.routes.get(path)
-            if route is None:
-                message = "Not found: no endpoint at %s." % shown(path)
-                result = Reply(404, error_body(message), reason=message)
-            else:
-                if claims is not None and route.group is not None:
-                    self.auth.authorize(claims, route.group)
-                if request.method != route.method:
-                    raise HttpError(405, "Method %s is not allowed on %s; use %s."
-                                    % (request.method, path, route.method),
-                                    (("Allow", route.method),))
-                params, query = route.params, request.query
-                if params is None:
-                    args = None
-                elif query or self.required[path]:
-                    args = parse_query(query, params)
-                else:
-                    args = NO_ARGUMENTS
-                result = route.handler(args, claims, request)
-        except (HttpError, DeviceError) as err:
-            result = error_reply(err)
-        except CallerGone:
-            raise
-        except Exception:
-            log.exception("internal error answering %s %s", request.method, shown(path))
-            result = INTERNAL_ERROR
-        return result, claims.sub if claims is not None else None
-
-    # Handlers: each takes the parsed arguments and the token's claims, and returns a Reply
-    # or a Stream.
-
-    def discover(self, args, claims, request):
-        return self.discover_reply
-
-    @staticmethod
-    def time(args, claims, request):
-        return Reply(200, b'{"timestamp_ms": %d}' % int(time.time() * 1000))
-
-    def health(self, args, claims, request):
-        """200 while every device answered its latest read, else 503 naming what fails; 200
-        "degraded" (503 with strict=true) where a GPU group serves no GPUs because NVML did
-        not load."""
-        node, metrics = self.node, self.metrics
-        failing = set(node.gpu_calls.overdue().values())
-        for failures in (node.gpu_sampler.failures, node.cpu_sampler.failures,
-                         metrics.gpu_failures, metrics.cpu_failures):
-            failing.update(failures.failing.values())
-        if not failing and node.problems and not args.get("strict"):
-            return Reply(200, json_body({"status": "degraded", "problems": node.problems}))
-        failing.update(node.problems if args.get("strict") else ())
-        if not failing:
-            return HEALTHY
-        message = "; ".join(sorted(failing))
-        return Reply(503, error_body(message), reason=message)
-
-    @staticmethod
-    def whoami(args, claims, request):
-        body = {"sub": claims.sub, "scopes": list(claims.scopes)}
-        if claims.exp is not None:
-            body["exp"] = claims.exp
-        if claims.gpus is not None:
-            body["gpus"] = list(claims.gpus)
-        if claims.admin:
-            body["admin"] = True
-        return Reply(200, json_body(body))
-
-    def scrape(self, args, claims, request):
-        return self.metrics.render(claims, self.gpus_for(None, claims), request.caller)
-
-    def gpus_for(self, requested, claims, list_unknown=False):
-        """The GPU ids a request covers: those it names (403 if the token's gpus claim leaves
-        one out; 400 if one does not exist), else every GPU the token may use."""
-        if claims is None and requested is None:
-            return self.node.gpu_ids
-        allowed = claims.gpus if claims is not None else None
-        if allowed is not None:
-            if requested is None:
-                return tuple(i for i in self.node.gpu_ids if i in allowed)
-            refused = [i for i in requested if i not in allowed]
-            if refused:
-                raise HttpError(403, "Token for user '%s' is not allowed GPU(s) [%s]. Token GPUs: "
-                                     "[%s]" % (claims.sub, ", ".join(map(str, refused)),
-                                               ", ".join(map(str, allowed))))
-        return select_ids(requested, self.node.gpu_ids, "GPU", list_unknown)
-
-    def control(self, operation, *arg_names):
-        def handler(args, claims, request):
-            ids = self.gpus_for(args["gpu_ids"], claims)
-            values = tuple(args[n] for n in arg_names)
-            named = "".join(" %s=%s" % (n, str(v).lower() if isinstance(v, bool) else v)
-                            for n, v in zip(arg_names, values))
-            who = request.caller.peer + (" user=" + claims.sub if claims is not None else "")
-            claim, holds, block = None, self.node.holds, args.get("block", True)
-            owner = self.owner(request, claims)
-            if operation == "hold":
-                if holds is None:
-                    raise HttpError(400, "This daemon keeps no holds (--no-restore).")
-                if owner is None:
-                    raise HttpError(403, "Holding a GPU needs an owner: a Unix-socket caller or "
-                                         "a token.")
-            else:
-                named += " block=%s" % str(block).lower()
-            access, caller, policy = self.access, request.caller, self.access.policy
-            principal = Principal(caller, claims, access.directory)
-            budgeted = operation == "set_power_limit" and policy is not None and \
-                policy.budget_w is not None
-            try:
-                access.check_policy(policy, principal, operation, ids, dict(zip(arg_names,
-                                                                                values)))
-                if operation == "set_power_limit":
-                    out_of_range = self.out_of_range(ids, values[0])
-                    if out_of_range:
-                        return errors_reply(out_of_range)
-                if holds is not None:
-                    message = holds.conflict(owner, ids)
-                    if message is not None:
-                        raise access.counted(Refused("held", 409, message, "held"))
-                access.check_in_use(policy, principal, ids)
-                if holds is not None:
-                    claim = HoldClaim(holds, owner, None if operation == "hold" else dict(
-                        [("op", operation)] + list(zip(arg_names, values))))
-                with access.budget_step() if budgeted else NO_STEP:
-                    if budgeted:
-                        access.check_budget(policy, ids, values[0], caller)
-                    jobs = self.node.control.submit(ids, operation, values, named, who, claim)
-                    if block or budgeted:
-                        outcomes = [(job.gpu, job.outcome(caller.gone)) for job in jobs]
-            except Refused as refusal:
-                audit(False, "%s %s gpu=%s%s: refused: %s", who, operation,
-                      ",".join(map(str, ids)), named, refusal.note)
-                raise
-            if not block:
-                return EMPTY_OK
-            return errors_reply({gpu: error for gpu, error in outcomes if error is not None})
-        return handler
-
-    def constraints(self, args, claims, request):
-        """Each GPU's power limit range, intersected with the caller's policy range."""
-        ids = self.gpus_for(args.get("gpu_ids"), claims)
-        caller = request.caller
-        results, errors = self.node.gpu_calls.call_all(self.node.gpu.power_limit_constraints_mw,
-                                                       ids, caller.gone, caller.abandon)
-        if errors:
-            return errors_reply(errors)
-        policy = self.access.policy
-        if policy is not None:
-            principal = Principal(caller, claims, self.access.directory)
-            results = {gpu: self.access.constraints(policy, principal, gpu, limits) or limits
-                       for gpu, limits in results.items()}
-        return Reply(200, json_body({str(i): {"min_power_limit_mw": results[i][0],
-                                              "max_power_limit_mw": results[i][1]} for i in ids}))
-
-    def policy(self, args, claims, request):
-        ids = self.gpus_for(args.get("gpu_ids"), claims)
-        return Reply(200, json_body(self.access.view(
-            Principal(request.caller, claims, self.access.directory), ids)))
-
-    @staticmethod
-    def owner(request, claims):
-        """Who owns the changes a request makes: over UDS the caller's uid and login session,
-        over TCP the token's user (until it expires); None (unowned) over TCP without auth."""
-        caller = request.caller
-        if caller.uid is not None:
-            return Owner(caller.uid, None, session_of(caller.pid, caller.connected), None)
-        if claims is not None:
-            return Owner(None, claims.sub, None, claims.exp, claims.admin)
-        return None
-
-    def release(self, args, claims, request):
-        requested = args.get("gpu_ids")
-        ids = None if requested is None else self.gpus_for(requested, claims)
-        holds = self.node.holds
-        if holds is None:
-            return Reply(200, b"{}")
-        try:
-            ended, errors = holds.release(self.owner(request, claims), ids,
-                                          self.gpus_for(None, claims), request.caller.gone)
-        except DeviceError as err:
-            raise HttpError(409, err.message)
-        if errors:
-            return errors_reply(errors)
-        return Reply(200, json_body({str(gpu): job.receipt for gpu, job in ended.items()}))
-
-    def holds(self, args, claims, request):
-        ids = self.gpus_for(args.get("gpu_ids"), claims)
-        held = self.node.holds.view() if self.node.holds is not None else {}
-        counted = [gpu for gpu in ids if gpu in held and held[gpu].energy_mj is not None]
-        caller = request.caller
-        energy, errors = self.node.gpu_calls.call_all(self.node.gpu.energy_mj, counted,
-                                                      caller.gone, caller.abandon)
-        return Reply(200, json_body({str(gpu): hold_json(
-            held[gpu], energy.get(gpu), errors[gpu].message if gpu in errors else None)
-            for gpu in ids if gpu in held}))
-
-    def out_of_range(self, ids, milliwatts):
-        """{gpu: error} for the GPUs whose power limit range (read at startup) excludes
-        milliwatts: refused before anything runs, as NVML would refuse it."""
-        errors = {}
-        for index in ids:
-            limits = self.node.gpu.gpus[index].power_limit_range
-            if limits is not None and not limits[0] <= milliwatts <= limits[1]:
-                errors[index] = DeviceError(
-                    "invalid-argument", "power_limit_mw=%d is outside GPU %d's power limit range, "
-                    "%d to %d mW" % (milliwatts, index, limits[0], limits[1]))
-        return errors
-
-    def gpu_read(self, read, shape):
-        """A handler answering {id: shape(read(id))} for the GPUs a request covers."""
-        def handler(args, claims, request):
-            ids = self.gpus_for(args.get("gpu_ids"), claims)
-            caller = request.caller
-            results, errors = self.node.gpu_calls.call_all(read, ids, caller.gone,
-                                                           caller.abandon)
-            if errors:
-                return errors_reply(errors)
-            return Reply(200, json_body({str(i): shape(results[i]) for i in ids}))
-        return handler
-
-    def gpu_power(self, args, claims, request):
-        ids = self.gpus_for(args.get("gpu_ids"), claims, list_unknown=True)
-        return self.power(self.node.gpu_sampler, ids)
-
-    def gpu_stream(self, args, claims, request):
-        return Stream(self.node.gpu_sampler,
-                      self.gpus_for(args.get("gpu_ids"), claims, list_unknown=True),
-                      self.per_device)
-
-    def cpu_power(self, args, claims, request):
-        ids = select_ids(args.get("cpu_ids"), self.node.cpu_ids, "CPU", list_unknown=True)
-        return self.power(self.node.cpu_sampler, ids)
-
-    def cpu_stream(self, args, claims, request):
-        return Stream(self.node.cpu_sampler, select_ids(args.get("cpu_ids"), self.node.cpu_ids,
-                                                        "CPU", list_unknown=True), self.per_device)
-
-    @staticmethod
-    def power(sampler, ids):
-        """A fresh sample's values for ids, or the errors of those that failed or hang."""
-        sample = sampler.current(ids)
-        if sample is None:
-            raise HttpError(503, "No %s power sample came within %d ms; try again."
-                            % (sampler.kind, (2 * sampler.period + ONE_SHOT_GRACE_S) * 1000))
-        errors = sample.errors and {i: sample.errors[i] for i in ids if i in sample.errors}
-        return errors_reply(errors) if errors else Reply(200, RENDERINGS[sampler.kind].power(
-            sample, ids)[1])
-
-    def cpu_energy(self, args, claims, request):
-        results, errors = {}, {}
-        for index in select_ids(args.get("cpu_ids"), self.node.cpu_ids, "CPU"):
-            cpu = dram = None
-            if args["cpu"] or args["dram"]:
-                try:
-                    cpu, dram = self.node.cpu_by_id[index].read()
-                except DeviceError as err:
-                    errors[index] = err
-                    continue
-            results[str(index)] = {"cpu_energy_uj": cpu if args["cpu"] else None,
-                                   "dram_energy_uj": dram if args["dram"] else None}
-        return errors_reply(errors) if errors else Reply(200, json_body(results))
-
 
 # ---- HTTP, metrics: the Prometheus exposition of the devices and the daemon ----
 
 METRICS_TYPE = (("Content-Type", "text/plain; version=0.0.4; charset=utf-8"),)
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -4394,6 +4055,7 @@ def process_start_time():
     return boot + started_ticks / CLOCK_TICKS
 
 
+
 # ---- HTTP, streams: samples as JSON bodies and SSE events, and the SSE subscriber ----
 
 KEEPALIVE_COMMENT_S = 15.0
@@ -4567,7 +4229,426 @@ class SseSubscriber:
                 pass
 
 
-# ---- HTTP, wire: strict request framing within limits, replies as bytes, streams ----
+# ---- HTTP, control handlers: changes checked and queued, holds, releases, policies ----
+
+def hold_json(hold, energy_mj, energy_note):
+    """A hold as /gpu/holds shows it, given its GPU's energy counter now."""
+    energy_j, note = hold_energy(hold, energy_mj, energy_note)
+    shown = {"uid": hold.uid, "user": holder_name(hold),
+             "sessions": [session[0] for session in hold.sessions] if hold.uid is not None
+             else None, "since_ms": hold.since_ms, "saved": hold.saved, "energy_j": energy_j,
+             "changes": hold.changes}
+    if note is not None:
+        shown["energy_note"] = note
+    return shown
+
+
+class ControlHandlers:
+    """Api's handlers of changes (checked by Access, then queued on the GPUs' workers),
+    holds and releases, and the caller's policy; a part of Api, whose node, access and
+    gpus_for they use."""
+
+    def control(self, operation, *arg_names):
+        def handler(args, claims, request):
+            ids = self.gpus_for(args["gpu_ids"], claims)
+            values = tuple(args[n] for n in arg_names)
+            named = "".join(" %s=%s" % (n, str(v).lower() if isinstance(v, bool) else v)
+                            for n, v in zip(arg_names, values))
+            who = request.caller.peer + (" user=" + claims.sub if claims is not None else "")
+            claim, holds, block = None, self.node.holds, args.get("block", True)
+            owner = self.owner(request, claims)
+            if operation == "hold":
+                if holds is None:
+                    raise HttpError(400, "This daemon keeps no holds (--no-restore).")
+                if owner is None:
+                    raise HttpError(403, "Holding a GPU needs an owner: a Unix-socket caller or "
+                                         "a token.")
+            else:
+                named += " block=%s" % str(block).lower()
+            access, caller, policy = self.access, request.caller, self.access.policy
+            principal = Principal(caller, claims, access.directory)
+            budgeted = operation == "set_power_limit" and policy is not None and \
+                policy.budget_w is not None
+            try:
+                access.check_policy(policy, principal, operation, ids, dict(zip(arg_names,
+                                                                                values)))
+                if operation == "set_power_limit":
+                    out_of_range = self.out_of_range(ids, values[0])
+                    if out_of_range:
+                        return errors_reply(out_of_range)
+                if holds is not None:
+                    message = holds.conflict(owner, ids)
+                    if message is not None:
+                        raise access.counted(Refused("held", 409, message, "held"))
+                access.check_in_use(policy, principal, ids)
+                if holds is not None:
+                    claim = HoldClaim(holds, owner, None if operation == "hold" else dict(
+                        [("op", operation)] + list(zip(arg_names, values))))
+                with access.budget_step() if budgeted else NO_STEP:
+                    if budgeted:
+                        access.check_budget(policy, ids, values[0], caller)
+                    jobs = self.node.control.submit(ids, operation, values, named, who, claim)
+                    if block or budgeted:
+                        outcomes = [(job.gpu, job.outcome(caller.gone)) for job in jobs]
+            except Refused as refusal:
+                audit(False, "%s %s gpu=%s%s: refused: %s", who, operation,
+                      ",".join(map(str, ids)), named, refusal.note)
+                raise
+            if not block:
+                return EMPTY_OK
+            return errors_reply({gpu: error for gpu, error in outcomes if error is not None})
+        return handler
+
+    @staticmethod
+    def owner(request, claims):
+        """Who owns the changes a request makes: over UDS the caller's uid and login session,
+        over TCP the token's user (until it expires); None (unowned) over TCP without auth."""
+        caller = request.caller
+        if caller.uid is not None:
+            return Owner(caller.uid, None, session_of(caller.pid, caller.connected), None)
+        if claims is not None:
+            return Owner(None, claims.sub, None, claims.exp, claims.admin)
+        return None
+
+    def release(self, args, claims, request):
+        requested = args.get("gpu_ids")
+        ids = None if requested is None else self.gpus_for(requested, claims)
+        holds = self.node.holds
+        if holds is None:
+            return Reply(200, b"{}")
+        try:
+            ended, errors = holds.release(self.owner(request, claims), ids,
+                                          self.gpus_for(None, claims), request.caller.gone)
+        except DeviceError as err:
+            raise HttpError(409, err.message)
+        if errors:
+            return errors_reply(errors)
+        return Reply(200, json_body({str(gpu): job.receipt for gpu, job in ended.items()}))
+
+    def holds(self, args, claims, request):
+        ids = self.gpus_for(args.get("gpu_ids"), claims)
+        held = self.node.holds.view() if self.node.holds is not None else {}
+        counted = [gpu for gpu in ids if gpu in held and held[gpu].energy_mj is not None]
+        caller = request.caller
+        energy, errors = self.node.gpu_calls.call_all(self.node.gpu.energy_mj, counted,
+                                                      caller.gone, caller.abandon)
+        return Reply(200, json_body({str(gpu): hold_json(
+            held[gpu], energy.get(gpu), errors[gpu].message if gpu in errors else None)
+            for gpu in ids if gpu in held}))
+
+    def policy(self, args, claims, request):
+        ids = self.gpus_for(args.get("gpu_ids"), claims)
+        return Reply(200, json_body(self.access.view(
+            Principal(request.caller, claims, self.access.directory), ids)))
+
+    def out_of_range(self, ids, milliwatts):
+        """{gpu: error} for the GPUs whose power limit range (read at startup) excludes
+        milliwatts: refused before anything runs, as NVML would refuse it."""
+        errors = {}
+        for index in ids:
+            limits = self.node.gpu.gpus[index].power_limit_range
+            if limits is not None and not limits[0] <= milliwatts <= limits[1]:
+                errors[index] = DeviceError(
+                    "invalid-argument", "power_limit_mw=%d is outside GPU %d's power limit range, "
+                    "%d to %d mW" % (milliwatts, index, limits[0], limits[1]))
+        return errors
+
+
+
+# ---- HTTP, read handlers: power, streams, energy, limits and constraints ----
+
+Stream = collections.namedtuple("Stream", "sampler ids per_device")
+
+
+class ReadHandlers:
+    """Api's handlers of reads: power (fresh samples), streams, energy, limits and their
+    constraints; a part of Api, whose node, access and gpus_for they use."""
+
+    def constraints(self, args, claims, request):
+        """Each GPU's power limit range, intersected with the caller's policy range."""
+        ids = self.gpus_for(args.get("gpu_ids"), claims)
+        caller = request.caller
+        results, errors = self.node.gpu_calls.call_all(self.node.gpu.power_limit_constraints_mw,
+                                                       ids, caller.gone, caller.abandon)
+        if errors:
+            return errors_reply(errors)
+        policy = self.access.policy
+        if policy is not None:
+            principal = Principal(caller, claims, self.access.directory)
+            results = {gpu: self.access.constraints(policy, principal, gpu, limits) or limits
+                       for gpu, limits in results.items()}
+        return Reply(200, json_body({str(i): {"min_power_limit_mw": results[i][0],
+                                              "max_power_limit_mw": results[i][1]} for i in ids}))
+
+    def gpu_read(self, read, shape):
+        """A handler answering {id: shape(read(id))} for the GPUs a request covers."""
+        def handler(args, claims, request):
+            ids = self.gpus_for(args.get("gpu_ids"), claims)
+            caller = request.caller
+            results, errors = self.node.gpu_calls.call_all(read, ids, caller.gone,
+                                                           caller.abandon)
+            if errors:
+                return errors_reply(errors)
+            return Reply(200, json_body({str(i): shape(results[i]) for i in ids}))
+        return handler
+
+    def gpu_power(self, args, claims, request):
+        ids = self.gpus_for(args.get("gpu_ids"), claims, list_unknown=True)
+        return self.power(self.node.gpu_sampler, ids)
+
+    def gpu_stream(self, args, claims, request):
+        return Stream(self.node.gpu_sampler,
+                      self.gpus_for(args.get("gpu_ids"), claims, list_unknown=True),
+                      self.per_device)
+
+    def cpu_power(self, args, claims, request):
+        ids = select_ids(args.get("cpu_ids"), self.node.cpu_ids, "CPU", list_unknown=True)
+        return self.power(self.node.cpu_sampler, ids)
+
+    def cpu_stream(self, args, claims, request):
+        return Stream(self.node.cpu_sampler, select_ids(args.get("cpu_ids"), self.node.cpu_ids,
+                                                        "CPU", list_unknown=True), self.per_device)
+
+    @staticmethod
+    def power(sampler, ids):
+        """A fresh sample's values for ids, or the errors of those that failed or hang."""
+        sample = sampler.current(ids)
+        if sample is None:
+            raise HttpError(503, "No %s power sample came within %d ms; try again."
+                            % (sampler.kind, (2 * sampler.period + ONE_SHOT_GRACE_S) * 1000))
+        errors = sample.errors and {i: sample.errors[i] for i in ids if i in sample.errors}
+        return errors_reply(errors) if errors else Reply(200, RENDERINGS[sampler.kind].power(
+            sample, ids)[1])
+
+    def cpu_energy(self, args, claims, request):
+        results, errors = {}, {}
+        for index in select_ids(args.get("cpu_ids"), self.node.cpu_ids, "CPU"):
+            cpu = dram = None
+            if args["cpu"] or args["dram"]:
+                try:
+                    cpu, dram = self.node.cpu_by_id[index].read()
+                except DeviceError as err:
+                    errors[index] = err
+                    continue
+            results[str(index)] = {"cpu_energy_uj": cpu if args["cpu"] else None,
+                                   "dram_energy_uj": dram if args["dram"] else None}
+        return errors_reply(errors) if errors else Reply(200, json_body(results))
+
+
+
+# ---- HTTP, API: routes and their handlers, behind group gating, auth and method checks ----
+
+Request = collections.namedtuple("Request", "method path query version headers caller")
+Route = collections.namedtuple("Route", "group method params handler")
+IDS = (parse_ids, False)
+REQUIRED_IDS = (parse_ids, True)
+BOOL = (parse_bool, True)
+U32 = (parse_u32, True)
+HEALTHY = Reply(200, b'{"status": "ok"}')
+NO_ARGUMENTS = {}  # the arguments of a request without a query string, shared: never changed
+INTERNAL_ERROR = Reply(500, error_body("Internal server error; see the daemon's log."),
+                       reason="internal error (traceback above)")
+
+
+class Api(ControlHandlers, ReadHandlers):
+    """Answers a parsed request: group gate, auth, route with its scope and method, parameters,
+    handler, in that order; every failure becomes an error Reply."""
+
+    def __init__(self, node, groups, authenticator, stream_format="per-device", access=None):
+        self.node = node
+        self.groups = groups
+        self.auth = authenticator
+        self.access = access or Access(node)
+        self.stream_format = stream_format
+        self.per_device = stream_format == "per-device"
+        self.disabled = {}
+        self.routes = {}
+        for path, route in self.all_routes().items():
+            if route.group is not None and route.group not in groups:
+                self.disabled[path] = "API group '%s' is not enabled on this server." % route.group
+            else:
+                self.routes[path] = route
+        if authenticator is None:
+            del self.routes["/auth/whoami"]
+            self.disabled["/auth/whoami"] = "Authentication is not enabled on this server."
+        if "gpu-read" not in groups and "cpu-read" not in groups:
+            del self.routes["/metrics"]
+            self.disabled["/metrics"] = ("Neither API group 'gpu-read' nor 'cpu-read' is enabled "
+                                         "on this server.")
+        self.required = {path: [name for name, (_, required) in (route.params or {}).items()
+                                if required] for path, route in self.routes.items()}
+        self.metrics = Metrics(node, groups, list(self.routes) + list(self.disabled), self.access)
+        self.discover_reply = Reply(200, json_body(self.discovery()))
+
+    def all_routes(self):
+        gpu, gpu_ids, ctl = self.node.gpu, {"gpu_ids": IDS}, {"gpu_ids": REQUIRED_IDS,
+                                                               "block": BOOL}
+        clocks = dict(ctl, min_clock_mhz=U32, max_clock_mhz=U32)
+        return {
+            "/discover": Route(None, "GET", None, self.discover),
+            "/time": Route(None, "GET", None, self.time),
+            "/health": Route(None, "GET", {"strict": (parse_bool, False)}, self.health),
+            "/auth/whoami": Route(None, "GET", None, self.whoami),
+            "/metrics": Route(None, "GET", None, self.scrape),
+            "/gpu/set_power_limit": Route(
+                "gpu-control", "POST", dict(ctl, power_limit_mw=U32),
+                self.control("set_power_limit", "power_limit_mw")),
+            "/gpu/set_persistence_mode": Route(
+                "gpu-control", "POST", dict(ctl, enabled=BOOL),
+                self.control("set_persistence_mode", "enabled")),
+            "/gpu/set_gpu_locked_clocks": Route(
+                "gpu-control", "POST", clocks,
+                self.control("set_gpu_locked_clocks", "min_clock_mhz", "max_clock_mhz")),
+            "/gpu/reset_gpu_locked_clocks": Route(
+                "gpu-control", "POST", ctl, self.control("reset_gpu_locked_clocks")),
+            "/gpu/set_mem_locked_clocks": Route(
+                "gpu-control", "POST", clocks,
+                self.control("set_mem_locked_clocks", "min_clock_mhz", "max_clock_mhz")),
+            "/gpu/reset_mem_locked_clocks": Route(
+                "gpu-control", "POST", ctl, self.control("reset_mem_locked_clocks")),
+            "/gpu/reset_locked_clocks": Route(
+                "gpu-control", "POST", ctl, self.control("reset_locked_clocks")),
+            "/gpu/release": Route("gpu-control", "POST", gpu_ids, self.release),
+            "/gpu/hold": Route("gpu-control", "POST", {"gpu_ids": REQUIRED_IDS},
+                               self.control("hold")),
+            "/gpu/holds": Route("gpu-read", "GET", gpu_ids, self.holds),
+            "/gpu/get_power": Route("gpu-read", "GET", gpu_ids, self.gpu_power),
+            "/gpu/stream_power": Route("gpu-read", "GET", gpu_ids, self.gpu_stream),
+            "/gpu/get_cumulative_energy": Route(
+                "gpu-read", "GET", gpu_ids, self.gpu_read(gpu.energy_mj, lambda value: {
+                    "energy_mj": value})),
+            "/gpu/get_power_limit": Route(
+                "gpu-read", "GET", gpu_ids, self.gpu_read(gpu.power_limit_mw, lambda value: {
+                    "power_limit_mw": value})),
+            "/gpu/get_power_limit_constraints": Route("gpu-read", "GET", gpu_ids,
+                                                      self.constraints),
+            "/gpu/policy": Route("gpu-control", "GET", gpu_ids, self.policy),
+            "/gpu/get_persistence_mode": Route(
+                "gpu-read", "GET", gpu_ids, self.gpu_read(gpu.persistence_mode, lambda value: {
+                    "enabled": value})),
+            "/cpu/get_cumulative_energy": Route(
+                "cpu-read", "GET", {"cpu_ids": IDS, "cpu": BOOL, "dram": BOOL}, self.cpu_energy),
+            "/cpu/get_power": Route("cpu-read", "GET", {"cpu_ids": IDS}, self.cpu_power),
+            "/cpu/stream_power": Route("cpu-read", "GET", {"cpu_ids": IDS}, self.cpu_stream),
+        }
+
+    def discovery(self):
+        node = self.node
+        return {
+            "gpu_ids": list(node.gpu_ids),
+            "cpu_ids": list(node.cpu_ids),
+            "dram_available": [package.dram is not None for package in node.cpus],
+            "enabled_api_groups": list(self.groups),
+            "auth_required": self.auth is not None,
+            "gpus": [{"id": i, "name": gpu.name, "pci_address": gpu.pci_address,
+                      "cumulative_energy_available": gpu.cumulative_energy_available}
+                     for i, gpu in enumerate(node.gpu.gpus)],
+            "cpus": [{"id": package.index, "name": package.name,
+                      "dram_available": package.dram is not None} for package in node.cpus],
+            "version": __version__,
+            "stream_format": self.stream_format,
+        }
+
+    def handle(self, request):
+        """(a Reply or a Stream, the token's user or None) for a parsed request: the group
+        gate, authentication, the route with its scope and method, the parameters, the
+        handler."""
+        claims = None
+        path = request.path
+        try:
+            message = self.disabled.get(path)
+            if message is not None:
+                return Reply(404, error_body(message), reason=message), None
+            if self.auth is not None and path not in OPEN_PATHS:
+                claims = self.auth.authenticate(request.headers.get("authorization"))
+            route = self.routes.get(path)
+            if route is None:
+                message = "Not found: no endpoint at %s." % shown(path)
+                result = Reply(404, error_body(message), reason=message)
+            else:
+                if claims is not None and route.group is not None:
+                    self.auth.authorize(claims, route.group)
+                if request.method != route.method:
+                    raise HttpError(405, "Method %s is not allowed on %s; use %s."
+                                    % (request.method, path, route.method),
+                                    (("Allow", route.method),))
+                params, query = route.params, request.query
+                if params is None:
+                    args = None
+                elif query or self.required[path]:
+                    args = parse_query(query, params)
+                else:
+                    args = NO_ARGUMENTS
+                result = route.handler(args, claims, request)
+        except (HttpError, DeviceError) as err:
+            result = error_reply(err)
+        except CallerGone:
+            raise
+        except Exception:
+            log.exception("internal error answering %s %s", request.method, shown(path))
+            result = INTERNAL_ERROR
+        return result, claims.sub if claims is not None else None
+
+    # Handlers: each takes the parsed arguments and the token's claims, and returns a Reply
+    # or a Stream.
+
+    def discover(self, args, claims, request):
+        return self.discover_reply
+
+    @staticmethod
+    def time(args, claims, request):
+        return Reply(200, b'{"timestamp_ms": %d}' % int(time.time() * 1000))
+
+    def health(self, args, claims, request):
+        """200 while every device answered its latest read, else 503 naming what fails; 200
+        "degraded" (503 with strict=true) where a GPU group serves no GPUs because NVML did
+        not load."""
+        node, metrics = self.node, self.metrics
+        failing = set(node.gpu_calls.overdue().values())
+        for failures in (node.gpu_sampler.failures, node.cpu_sampler.failures,
+                         metrics.gpu_failures, metrics.cpu_failures):
+            failing.update(failures.failing.values())
+        if not failing and node.problems and not args.get("strict"):
+            return Reply(200, json_body({"status": "degraded", "problems": node.problems}))
+        failing.update(node.problems if args.get("strict") else ())
+        if not failing:
+            return HEALTHY
+        message = "; ".join(sorted(failing))
+        return Reply(503, error_body(message), reason=message)
+
+    @staticmethod
+    def whoami(args, claims, request):
+        body = {"sub": claims.sub, "scopes": list(claims.scopes)}
+        if claims.exp is not None:
+            body["exp"] = claims.exp
+        if claims.gpus is not None:
+            body["gpus"] = list(claims.gpus)
+        if claims.admin:
+            body["admin"] = True
+        return Reply(200, json_body(body))
+
+    def scrape(self, args, claims, request):
+        return self.metrics.render(claims, self.gpus_for(None, claims), request.caller)
+
+    def gpus_for(self, requested, claims, list_unknown=False):
+        """The GPU ids a request covers: those it names (403 if the token's gpus claim leaves
+        one out; 400 if one does not exist), else every GPU the token may use."""
+        if claims is None and requested is None:
+            return self.node.gpu_ids
+        allowed = claims.gpus if claims is not None else None
+        if allowed is not None:
+            if requested is None:
+                return tuple(i for i in self.node.gpu_ids if i in allowed)
+            refused = [i for i in requested if i not in allowed]
+            if refused:
+                raise HttpError(403, "Token for user '%s' is not allowed GPU(s) [%s]. Token GPUs: "
+                                     "[%s]" % (claims.sub, ", ".join(map(str, refused)),
+                                               ", ".join(map(str, allowed))))
+        return select_ids(requested, self.node.gpu_ids, "GPU", list_unknown)
+
+
+
+# ---- HTTP, framing: strict request heads and bodies within limits, read off a socket ----
 
 IDLE_TIMEOUT_S = 60.0
 HEADER_TIMEOUT_S = 10.0
@@ -4577,8 +4658,6 @@ MAX_HEADER_BYTES = 65536
 MAX_HEADER_LINES = 100
 MAX_BODY = 65536
 MAX_CHUNK_LINE = 1024
-LINGER_S = 2.0
-MAX_LINGER_BYTES = 1 << 20
 # method, target (no spaces or control characters), version
 REQUEST_LINE_PATTERN = rb"([A-Z]{1,20}) ([\x21-\x7e\x80-\xff]+) (HTTP/[0-9]\.[0-9])"
 # an RFC 9110 token as the name; the value free of CR, LF, NUL and other control characters but
@@ -4590,46 +4669,10 @@ HEAD = re.compile(REQUEST_LINE_PATTERN + rb"((?:\n" + HEADER_LINE_PATTERN + rb")
 HEADER_FIELD = re.compile(rb"\n([^:\n]+):([^\n]*)")
 CONTENT_LENGTH = re.compile(r"[0-9]{1,18}")
 CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,8}")
-REASONS = {100: "Continue", 200: "OK", 400: "Bad Request", 401: "Unauthorized",
-           403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed", 409: "Conflict",
-           408: "Request Timeout", 413: "Content Too Large", 414: "URI Too Long",
-           431: "Request Header Fields Too Large", 500: "Internal Server Error",
-           503: "Service Unavailable", 505: "HTTP Version Not Supported"}
-STATUS_LINES = {code: ("HTTP/1.1 %d %s\r\n" % (code, reason)).encode()
-                for code, reason in REASONS.items()}
-SERVER_HEADER = ("Server: zeusd-py/%s\r\n" % __version__).encode()
-JSON_TYPE = b"Content-Type: application/json\r\n"
-PLAIN_HEADS = {code: line + SERVER_HEADER for code, line in STATUS_LINES.items()}
-JSON_HEADS = {code: line + SERVER_HEADER + JSON_TYPE for code, line in STATUS_LINES.items()}
-CLOSE = b"Connection: close\r\n"
-KEEP_ALIVE = b"Connection: keep-alive\r\n"
-CONTINUE = STATUS_LINES[100] + b"\r\n"
-SSE_HEAD = (STATUS_LINES[200] + SERVER_HEADER + b"Content-Type: text/event-stream\r\n"
-            b"Cache-Control: no-cache\r\nConnection: close\r\n\r\n")
 
 
 class ConnectionClosed(Exception):
     """The client closed the connection (or sent nothing while idle)."""
-
-
-def reply_bytes(reply, connection=b"", head_only=False):
-    """A Reply's status line, headers and body, to go out in one write."""
-    body, headers = reply.body, reply.headers
-    if not headers:  # the usual reply, kept to one format (a measured 450 instructions less)
-        head = b"%sContent-Length: %d\r\n%s\r\n" % (
-            (JSON_HEADS if body else PLAIN_HEADS)[reply.status], len(body), connection)
-        return head if head_only else head + body
-    extra = b"".join(b"%s: %s\r\n" % (name.encode("latin-1"), value.encode("latin-1"))
-                     for name, value in headers)
-    typed = body and not any(name.lower() == "content-type" for name, _ in headers)
-    head = b"%sContent-Length: %d\r\n%s%s\r\n" % (
-        (JSON_HEADS if typed else PLAIN_HEADS)[reply.status], len(body), extra, connection)
-    return head if head_only else head + body
-
-
-TOO_MANY_CONNECTIONS = reply_bytes(Reply(503, error_body("Too many connections")), CLOSE)
-TOO_MANY_FROM_CLIENT = reply_bytes(Reply(503, error_body("Too many connections from this client")),
-                                   CLOSE)
 
 
 # Request lines and header lines seen before (each valid, at most MAX_KNOWN_LINE bytes), as
@@ -4940,6 +4983,13 @@ class RequestReader:
             self.sock.sendall(CONTINUE)
 
 
+
+# ---- HTTP, connection: who asks, and serving its requests one at a time, or a stream ----
+
+LINGER_S = 2.0
+MAX_LINGER_BYTES = 1 << 20
+
+
 class Caller:
     """Who sent a request, as data for the API: `peer` as logged (`ip:port`, `uid=U pid=P`),
     the peer's uid, gid and pid over a Unix socket (SO_PEERCRED; None over TCP) and when the
@@ -5152,13 +5202,13 @@ class HttpConnection(socketserver.BaseRequestHandler):
             self.server.stream_ended()
 
 
-# ---- Servers: TCP and Unix-socket listeners, one thread per connection, a connection cap ----
+
+# ---- Connection limits: the connection cap and each client's fair share, one thread per connection ----
 
 OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 ACCEPT_BACKOFF_S = 0.1
 REJECT_LINGER_S = 1.0
 MAX_REJECTED_PENDING = 1024
-FILE_LIMIT_HEADROOM = 64 + MAX_REJECTED_PENDING
 
 
 class Rejecter:
@@ -5401,6 +5451,12 @@ class ConnectionCap(socketserver.ThreadingMixIn):
                 self.streams_done.wait(deadline - time.monotonic())
 
 
+
+# ---- Servers: TCP and Unix-socket listeners, one thread per connection, a connection cap ----
+
+FILE_LIMIT_HEADROOM = 64 + MAX_REJECTED_PENDING
+
+
 class TcpServer(ConnectionCap, socketserver.TCPServer):
     """The API on a TCP address, IPv4 or IPv6."""
 
@@ -5609,14 +5665,13 @@ def raise_file_limit(wanted):
                         target, wanted)
 
 
-# ---- Status: `zeusd status`, a terminal view of a running daemon's devices ----
+
+# ---- Daemon client: a running daemon's answers, read within bounds, for the commands that ask it ----
 
 STATUS_TIMEOUT_S = 10.0  # the default for everything one table needs
 STATUS_MAX_HEAD = 65536
 STATUS_MAX_BODY = 1 << 20
 STREAM_SILENCE_S = 20.0  # a stream quiet for longer than this (keep-alives come every 15 s) is lost
-RECONNECT_S = 1.0
-CLEAR_SCREEN = "\x1b[H\x1b[J"
 # what reading an answer of an unexpected shape raises: one line, never a traceback
 SHAPE_ERRORS = (TypeError, KeyError, AttributeError, ValueError, IndexError, UnicodeError)
 
@@ -5796,6 +5851,27 @@ def listed(value):
     return value if isinstance(value, list) else []
 
 
+def emit(text):
+    """Write to stdout what its encoding can carry, the rest replaced."""
+    encoding = sys.stdout.encoding or "utf-8"
+    sys.stdout.write(text.encode(encoding, "replace").decode(encoding))
+
+
+def client_of_args(args):
+    """The DaemonClient that --socket-path or --tcp, --token and --timeout name (else
+    $ZEUSD_SOCK_PATH or the default socket, $ZEUSD_TOKEN)."""
+    token = args.token or os.environ.get("ZEUSD_TOKEN")
+    socket_path = args.socket_path or os.environ.get("ZEUSD_SOCK_PATH") or DEFAULT_SOCKET_PATH
+    return DaemonClient(socket_path, args.tcp, token, args.timeout)
+
+
+
+# ---- Status: `zeusd status`, a terminal view of a running daemon's devices ----
+
+RECONNECT_S = 1.0
+CLEAR_SCREEN = "\x1b[H\x1b[J"
+
+
 def node_status(client, streams=None):
     """(GPUs, CPUs, readings by kind, notes) of the node, within the client's timeout. The GPUs
     are those the token may see. Power comes from the streams when given (None for a device
@@ -5864,12 +5940,6 @@ def status_text(client, streams=None):
     except SHAPE_ERRORS as err:
         raise StatusError("the daemon at %s answered in a shape this client does not expect "
                           "(%s: %s)" % (client.where, type(err).__name__, printable(err, 100)))
-
-
-def emit(text):
-    """Write to stdout what its encoding can carry, the rest replaced."""
-    encoding = sys.stdout.encoding or "utf-8"
-    sys.stdout.write(text.encode(encoding, "replace").decode(encoding))
 
 
 def holder(hold):
@@ -5973,14 +6043,6 @@ class StreamFollower:
         return {key: value for key, value in self.latest.items() if key in answered}
 
 
-def client_of_args(args):
-    """The DaemonClient that --socket-path or --tcp, --token and --timeout name (else
-    $ZEUSD_SOCK_PATH or the default socket, $ZEUSD_TOKEN)."""
-    token = args.token or os.environ.get("ZEUSD_TOKEN")
-    socket_path = args.socket_path or os.environ.get("ZEUSD_SOCK_PATH") or DEFAULT_SOCKET_PATH
-    return DaemonClient(socket_path, args.tcp, token, args.timeout)
-
-
 def status(args):
     """Print the node's table once, or redraw it every --watch seconds from the streams."""
     client = client_of_args(args)
@@ -6006,6 +6068,7 @@ def status(args):
             time.sleep(args.watch)
     except KeyboardInterrupt:
         return 0
+
 
 
 # ---- Release and receipts: `zeusd release` and `zeusd receipts`, what ended holds used ----
