@@ -10,56 +10,68 @@ scopes. Standard library only, plus pynvml (nvidia-ml-py); Python 3.6 or newer.
     python zeusd.py token issue --help
     python zeusd.py status --help     (also: release, receipts, policy check)
 
-The file reads from the devices up; each section starts with a `# ---- Name: its job ----` line:
-  configuration    API groups, durations, whole-value patterns
-  logging          LineStyle (time or journald priority), audit, RequestLines (rate-limited)
-  errors           StartupError, DeviceError (what failed, not how HTTP says it), ReadErrors,
-                   HttpError
-  files            read_small_file: key, override and state files, regular and small
-  authentication   verify_token, Authenticator: HS256 tokens, scopes, gpus, key reload
-  GPUs             GpuBackend (the interface), NvmlBackend, TimedLibrary (NVML at debug)
-  TOML subset      TomlReader: the override file's syntax, read as tomllib reads it
-  GPU overrides    read_trusted_toml, load_overrides, CommandOverride, run_command (bounded),
-                   OverriddenBackend
-  access policy    load_policy, Policy (the admin's tables), Grant (what a table allows),
-                   policy_refusal (the 403's message)
-  CPUs             RaplCounter, RaplPackage, RaplWrapGuard
-  bounded waits    wait_until, BoundedCalls: request-path reads with a time limit and a watchdog
-  GPU control      ControlJob (with its audit line), GpuControl: one worker per GPU
-  receipts         receipt_of, slurm_job_of, Receipts (receipts.jsonl, one line per ended hold)
-  holds            Owner, session_of (who leads a caller's session), the state directory's
-                   and /proc's startup checks, HoldStore (holds.json under flock), RestoreJob,
-                   HoldClaim (a change's claim), Holds (conflicts decided in Holds.refusal,
-                   claims, releases, the watcher of sessions and tokens)
-  sampling         Sample, FailureLog, GpuPowerMeter, CpuPowerMeter, Sampler (its subscriber
-                   protocol in its docstring)
-  node             Node: the devices, samplers and workers the enabled groups need
-  HTTP replies     Reply, and the DeviceError -> status mapping
-  HTTP parameters  parse_query and its value parsers, select_ids
-  access           Principal (who asks), UserDirectory, Access: the policy's tables, in-use
-                   and budget checks of a change, Refused
-  HTTP API         Api.handle(request): group gate, auth, route, method, parameters, handler
-  HTTP metrics     Metrics: request counts and the Prometheus scrape
-  HTTP streams     PowerRendering (bodies and SSE events, once per sample), SseSubscriber
-  HTTP wire        parse_head, RequestReader (framing and limits), Caller (who asks),
-                   HttpConnection (serve, reply, stream)
-  servers          Slot, ConnectionCap with its Rejecter and fair share, TcpServer, UnixServer
-  status           `zeusd status`: HttpReader, DaemonClient, the table, StreamFollower
-  release          `zeusd release` and `zeusd receipts`: receipt_row, since_arg
-  policy check     `zeusd policy check`: policy_rules
-  command line     build_parser and its flag types
-  main             serve (startup order, signals), issue, main
-Everything below HTTP knows nothing of it (who asks reaches it as data: an Owner, a gone()
-check, an abandon() callback); background workers (GpuControl, Holds, BoundedCalls,
-RaplWrapGuard, Sampler, Rejecter) have start() and stop().
+The file reads from the ground up, in four parts, each opened by a `# ==== Part: ... ====`
+banner; each section starts with a `# ---- Name: its job ----` line, named here as there:
+Ground: what every part uses; it knows no device and no HTTP
+  Configuration          API groups, default paths, durations, U32_MAX
+  Logging                LineStyle (time or journald priority), audit, RequestLines
+  Errors                 StartupError, DeviceError (what failed, not how HTTP says it),
+                         ReadErrors
+  Files                  read_small_file: the admin's files and the state files, regular, small
+  TOML subset            TomlReader, read_trusted_toml: the override and policy files
+  Processes              session_of (who leads a caller's session), alive, process_uid,
+                         slurm_job_of, whether /proc hides other users' processes
+Device core: it knows nothing of HTTP; who asks reaches it as data (an Owner, a gone() check,
+an abandon() callback)
+  Devices, GPUs          GpuBackend (the interface), NvmlBackend, TimedLibrary (NVML at debug)
+  GPU command overrides  load_overrides, CommandOverride, run_command (bounded),
+                         OverriddenBackend
+  Devices, CPUs          RaplCounter, RaplPackage, RaplWrapGuard
+  Bounded waits          wait_until, BoundedCalls: request-path reads with a time limit
+  GPU control            ControlJob (with its audit line), GpuControl: one worker per GPU
+  State files            check_state_directory, Hold (one GPU's hold as data), HoldStore
+                         (holds.json, read-modify-write under flock)
+  Receipts               receipt_of, Receipts (receipts.jsonl, one line per ended hold)
+  Restores               RestoreJob: the saved settings put back on the GPU's worker
+  Holds                  Owner, HoldClaim (what a change asks of the holds), Holds: conflicts
+                         decided in Holds.refusal, claims, changes on record, releases
+  Holds watcher          HoldsWatcher: restores when sessions end or tokens expire, adoption
+  Sampling               Sample, FailureLog, GpuPowerMeter, CpuPowerMeter, Sampler (its
+                         subscriber protocol in its docstring)
+  Node                   Node: the devices, samplers and workers the enabled groups need
+HTTP: from the status of a reply to the bytes on the wire
+  HTTP, replies          Reply, reply_bytes, HttpError, the DeviceError -> status mapping
+  HTTP, query parameters parse_query and its value parsers, select_ids
+  Authentication         verify_token, Authenticator: HS256 tokens, scopes, gpus, admin
+  Access policy          load_policy, Policy (the admin's tables), Grant, policy_refusal
+  Access                 Principal (who asks), UserDirectory, Access: every "may this caller
+                         make this change" (policy 403; held, in-use, budget 409), Refused
+  HTTP, metrics          Metrics: request counts and the Prometheus scrape
+  HTTP, streams          PowerRendering (bodies and SSE events, once per sample), SseSubscriber
+  HTTP, control handlers ControlHandlers: changes, holds, releases, the caller's policy
+  HTTP, read handlers    ReadHandlers: power, streams, energy, limits, constraints
+  HTTP, API              Api.handle(request): group gate, auth, route, method, parameters
+  HTTP, framing          parse_head, RequestReader: strict heads and bodies within limits
+  HTTP, connection       Caller (who asks), HttpConnection (serve, reply, stream)
+Programs: the servers, the commands that ask a daemon, the command line, main
+  Connection limits      Rejecter, Slot, client_key, ConnectionCap: the cap and fair share
+  Servers                TcpServer, UnixServer, the socket file's safety, open_server
+  Daemon client          HttpReader, DaemonClient: what status, release and receipts read
+  Status                 `zeusd status`: the table, StreamFollower
+  Release and receipts   `zeusd release`, `zeusd receipts`: receipt_row, since_arg
+  Policy check           `zeusd policy check`: policy_rules
+  Command line           build_parser and its flag types
+  Main                   serve (startup order, signals), issue, main
+Background workers (GpuControl, HoldsWatcher, BoundedCalls, RaplWrapGuard, Sampler, Rejecter)
+have start() and stop().
 
 The route of `GET /gpu/get_power`: ConnectionCap.process_request admits the connection (cap,
 fair share) and starts HttpConnection on a thread; RequestReader.next_request reads the head
 (parse_head, or the same Request again for a repeated head); Api.handle gates the group,
-authenticates, routes to Api.gpu_power, which takes Api.gpus_for the ids and Api.power the
-values: Sampler.current gives a fresh Sample (read by the relays through
-GpuPowerMeter -> NvmlBackend.power_mw), PowerRendering.power renders its body once; the
-connection writes reply_bytes in one sendall, counts it and logs it (RequestLines).
+authenticates, routes to ReadHandlers.gpu_power (a part of Api), which takes Api.gpus_for the
+ids and ReadHandlers.power the values: Sampler.current gives a fresh Sample (read by the relays
+through GpuPowerMeter -> NvmlBackend.power_mw), PowerRendering.power renders its body once; the
+connection writes its reply in one sendall, counts it and logs it (RequestLines).
 """
 
 import argparse
@@ -101,6 +113,8 @@ VERSION_LINE = "zeusd %s (Python; zeusd HTTP API 0.4.0 + 0.5 superset)" % __vers
 
 log = logging.getLogger("zeusd")
 
+
+# ==== Ground: what every part uses; it knows no device and no HTTP ====
 
 # ---- Configuration: API groups, token lifetimes, whole-value patterns ----
 
@@ -227,7 +241,8 @@ class LineStyle:
         return self.prefix(level, level_name, time.time()) + escape_unprintable(message)
 
     def prefix(self, level, level_name, now):
-        """What comes before the message: `<priority>`, or the time and the level."""
+        """What comes before the message: `<priority>`, or the time and the level.
+        (RequestLines.write makes the same prefix for INFO itself, on its hot path.)"""
         if self.journal:
             return "<%d>" % self.PRIORITIES.get(level, 6)
         second = int(now)
@@ -316,7 +331,7 @@ class RequestLines:
                     summary.daemon = True
                     summary.start()
             return
-        style = LINE_STYLE
+        style = LINE_STYLE  # LineStyle.prefix for INFO, inlined: keep the two alike
         if style.journal:
             line = "<6>%s\n" % text
         else:
@@ -342,7 +357,7 @@ class RequestLines:
 REQUEST_LINES = RequestLines()
 
 
-# ---- Errors: how the startup, a device operation or a request fails ----
+# ---- Errors: how the startup or a device operation fails ----
 
 class StartupError(Exception):
     """A reason the daemon cannot start; main prints it and exits 1."""
@@ -410,7 +425,7 @@ def read_small_file(path, limit=MAX_FILE_BYTES):
         os.close(fd)
 
 
-# ---- TOML subset: the syntax of the GPU command override file, read as tomllib reads it ----
+# ---- TOML subset: the admin's TOML files (overrides, policy), read as tomllib reads them ----
 
 TOML_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 TOML_INTEGER = re.compile(r"[+-]?(?:0|[1-9](?:_?[0-9])*)(?![0-9A-Za-z_.:+-])")
@@ -753,11 +768,13 @@ def slurm_job_of(pid):
 
 
 
+# ==== Device core: GPUs, CPUs, control, holds, sampling; it knows nothing of HTTP ====
+
 # ---- Devices, GPUs: the backend interface and its NVML implementation ----
 
 GpuInfo = collections.namedtuple("GpuInfo", "name pci_address cumulative_energy_available uuid "
                                             "power_limit_range")
-NVML_CALL_LIMIT_S = 10.0  # how long a control call may take before its caller is answered 503
+NVML_CALL_LIMIT_S = 10.0  # how long a control call may take before its caller is told it is late
 NVML_KINDS = {2: "invalid-argument", 3: "not-supported", 4: "no-permission"}
 NVML_ABSENT = (9, 12)  # driver not loaded, library not found
 NVML_NOT_SUPPORTED = 3
@@ -772,7 +789,7 @@ class GpuBackend:
     gpus = ()
 
     def limit_s(self, operation):
-        """How long the control operation may take before its caller is answered 503."""
+        """How long the control operation may take before its caller is told it is late."""
         return NVML_CALL_LIMIT_S
 
     def power_mw(self, index):
@@ -1665,7 +1682,7 @@ class ControlJob:
         audit(result == "error" and self.error.kind not in CLIENT_ERROR_KINDS,
               "%s %s gpu=%d%s: %s%s", self.who, self.operation, self.gpu, self.named,
               "ok" if self.error is None else "error: " + self.error.message,
-              " (finished after its caller was answered 503)" if self.answered else "")
+              " (finished after its caller was told it took too long)" if self.answered else "")
         if claimed is not None:
             self.claim.after(self.gpu, claimed, self.error)
         self.done.set()
@@ -2126,7 +2143,7 @@ class RestoreJob:
 
 
 
-# ---- Holds: who changed which GPU, the settings to put back, the state file of the node ----
+# ---- Holds: who holds which GPU: conflicts decided, claims, changes on record, releases ----
 
 WATCH_INTERVAL_S = 1.0  # how often session leaders are polled where pidfd_open is missing
 RESTORE_WAIT_S = 30.0  # how long a release waits for a GPU's restore
@@ -2169,7 +2186,7 @@ class Holds:
 
     The first change an owner makes to a GPU records the GPU's settings as they were (a hold),
     before the change runs, on the GPU's worker; later changes by the same owner extend it.
-    Changes by others are refused (409) while it lasts, and by everyone while it is being
+    Changes by others are refused (a conflict) while it lasts, and by everyone while it is being
     restored; uid 0 over UDS and admin tokens are never refused by a hold (refusal() decides,
     in one place). A restore runs on the GPU's worker, leaves a receipt, and ends the hold;
     the watcher (HoldsWatcher) starts the restores of holds whose owner is gone. An end that
@@ -2193,7 +2210,7 @@ class Holds:
     # Changes and releases, for the API
 
     def conflict(self, owner, ids):
-        """The 409 message for the first of ids that owner may not change, or None."""
+        """The conflict's message for the first of ids that owner may not change, or None."""
         holds = self.store.current()
         for gpu in ids:
             hold = holds.get(str(gpu))
@@ -2203,7 +2220,7 @@ class Holds:
         return None
 
     def refusal(self, owner, gpu, hold):
-        """Why owner may not change a GPU with this hold (the 409 message), or None: the one
+        """Why owner may not change a GPU with this hold (the conflict's message), or None: the one
         place where conflicts are decided. A GPU being restored is nobody's to change, or a
         change could land between the restore's steps."""
         if hold.restoring:
@@ -2594,7 +2611,7 @@ HANG_FLOOR_S = 0.25  # a read is taken for a hang after one period, but never so
 
 class Sample:
     """One tick: the values of the devices that answered and the errors of those that did not.
-    `derived` keeps what readers make of it (an HTTP rendering, say), so that each is made once
+    `derived` keeps what readers make of it (a rendering, say), so that each is made once
     however many readers ask for it."""
 
     __slots__ = ("taken", "timestamp_ms", "values", "errors", "derived")
@@ -2767,7 +2784,8 @@ class Sampler:
             subscriber.close()
 
     def fresh(self):
-        """The latest sample if it is less than one period old, else None."""
+        """The latest sample if it is less than one period old, else None. (current() makes
+        this check itself first, on the get_power hot path.)"""
         sample = self.latest
         if sample is not None and time.monotonic() - sample.taken < self.period:
             return sample
@@ -2784,7 +2802,7 @@ class Sampler:
     def current(self, ids):
         """A fresh sample covering ids: the latest, or the next the relays take; None if none
         comes within two periods (and a grace)."""
-        sample = self.latest
+        sample = self.latest  # fresh(), inlined, for a sample of every device
         if sample is not None and time.monotonic() - sample.taken < self.period and \
                 len(sample.values) == self.device_count:
             return sample
@@ -2971,7 +2989,9 @@ class Node:
             worker.stop()
 
 
-# ---- HTTP, replies: the one reply type, and how device errors map to statuses ----
+# ==== HTTP: replies, parameters, authentication, access, metrics, streams, API, wire ====
+
+# ---- HTTP, replies: the one reply type, its bytes, and how device errors map to statuses ----
 
 class HttpError(Exception):
     """A request that ends in an error status: a JSON {"error": message} with extra headers,
@@ -3051,7 +3071,7 @@ SSE_HEAD = (STATUS_LINES[200] + SERVER_HEADER + b"Content-Type: text/event-strea
 def reply_bytes(reply, connection=b"", head_only=False):
     """A Reply's status line, headers and body, to go out in one write."""
     body, headers = reply.body, reply.headers
-    if not headers:  # the usual reply, kept to one format (a measured 450 instructions less)
+    if not headers:  # the usual reply, one format (450 instructions less); serve_one inlines it
         head = b"%sContent-Length: %d\r\n%s\r\n" % (
             (JSON_HEADS if body else PLAIN_HEADS)[reply.status], len(body), connection)
         return head if head_only else head + body
@@ -4436,7 +4456,7 @@ class ReadHandlers:
 
 
 
-# ---- HTTP, API: routes and their handlers, behind group gating, auth and method checks ----
+# ---- HTTP, API: the routes, and each request's group gate, auth, method, parameters ----
 
 Request = collections.namedtuple("Request", "method path query version headers caller")
 Route = collections.namedtuple("Route", "group method params handler")
@@ -4729,7 +4749,7 @@ def known_request_line(line):
     if version != b"HTTP/1.1" and version != b"HTTP/1.0":
         return None
     target = target.decode("latin-1")
-    if target[0] == "/":
+    if target[0] == "/":  # split_target's origin form, inlined
         path, _, query = target.partition("?")
     else:
         path, query = split_target(target)
@@ -4781,7 +4801,7 @@ def parse_head_in_full(head, caller=None):
             else:
                 headers[key] += ", " + value
     target = target.decode("latin-1")
-    if target[0] == "/":
+    if target[0] == "/":  # split_target's origin form, inlined
         path, _, query = target.partition("?")
     else:
         path, query = split_target(target)
@@ -4804,7 +4824,9 @@ def head_error(text):
 
 
 def split_target(target):
-    """(path, query) of an origin-form or absolute-form request target."""
+    """(path, query) of an origin-form or absolute-form request target. (known_request_line
+    and parse_head_in_full take an origin-form target's path and query themselves: a call
+    less per request.)"""
     if not target.startswith("/") and "://" in target:
         target = "/" + target.partition("://")[2].partition("/")[2]
     path, _, query = target.partition("?")
@@ -5132,7 +5154,7 @@ class HttpConnection(socketserver.BaseRequestHandler):
                 self.sock.sendall(b"%sContent-Length: %d\r\n%s\r\n%s" % (
                     (JSON_HEADS if body else PLAIN_HEADS)[status], len(body), self.connection,
                     body))
-        key = (self.counted_path, status)
+        key = (self.counted_path, status)  # count(), inlined
         self.counts[key] = self.counts.get(key, 0) + 1
         if self.log_requests:
             REQUEST_LINES.write(status, RequestLine((
@@ -5156,7 +5178,8 @@ class HttpConnection(socketserver.BaseRequestHandler):
         self.counted_path = request.path if request.path in self.metrics.paths else "other"
 
     def count(self, path, status):
-        """Count a request for /metrics, in this connection's own counts (no lock)."""
+        """Count a request for /metrics, in this connection's own counts (no lock). (serve_one
+        counts the usual request itself, on its hot path.)"""
         self.counts[path, status] = self.counts.get((path, status), 0) + 1
 
     def abandon(self, device, error):
@@ -5203,7 +5226,9 @@ class HttpConnection(socketserver.BaseRequestHandler):
 
 
 
-# ---- Connection limits: the connection cap and each client's fair share, one thread per connection ----
+# ==== Programs: the servers, the commands that ask a daemon, the command line, main ====
+
+# ---- Connection limits: the connection cap, each client's fair share, a thread per connection ----
 
 OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 ACCEPT_BACKOFF_S = 0.1
@@ -5452,7 +5477,7 @@ class ConnectionCap(socketserver.ThreadingMixIn):
 
 
 
-# ---- Servers: TCP and Unix-socket listeners, one thread per connection, a connection cap ----
+# ---- Servers: TCP and Unix-socket listeners, the socket file made safely, the file limit ----
 
 FILE_LIMIT_HEADROOM = 64 + MAX_REJECTED_PENDING
 
@@ -5666,7 +5691,7 @@ def raise_file_limit(wanted):
 
 
 
-# ---- Daemon client: a running daemon's answers, read within bounds, for the commands that ask it ----
+# ---- Daemon client: a running daemon's answers, read within bounds, for the commands ----
 
 STATUS_TIMEOUT_S = 10.0  # the default for everything one table needs
 STATUS_MAX_HEAD = 65536
