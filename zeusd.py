@@ -43,9 +43,11 @@ HTTP: from the status of a reply to the bytes on the wire
   HTTP, replies          Reply, reply_bytes, HttpError, the DeviceError -> status mapping
   HTTP, query parameters parse_query and its value parsers, select_ids
   Authentication         verify_token, Authenticator: HS256 tokens, scopes, gpus, admin
-  Access policy          load_policy, Policy (the admin's tables), Grant, policy_refusal
-  Access                 Principal (who asks), UserDirectory, Access: every "may this caller
-                         make this change" (policy 403; held, in-use, budget 409), Refused
+  Access policy          load_policy, Policy (the admin's tables), Grant, policy_refusal,
+                         log_policy
+  Callers                client_key, Principal (who asks), UserDirectory (names and groups)
+  Access                 Access: every "may this caller do this" (scopes, GPUs; a change's
+                         policy 403, ranges 400, held, in-use and budget 409), Refused
   HTTP, metrics          Metrics: request counts and the Prometheus scrape
   HTTP, streams          PowerRendering (bodies and SSE events, once per sample), SseSubscriber
   HTTP, control handlers ControlHandlers: changes, holds, releases, the caller's policy
@@ -54,7 +56,7 @@ HTTP: from the status of a reply to the bytes on the wire
   HTTP, framing          parse_head, RequestReader: strict heads and bodies within limits
   HTTP, connection       Caller (who asks), HttpConnection (serve, reply, stream)
 Programs: the servers, the commands that ask a daemon, the command line, main
-  Connection limits      Rejecter, Slot, client_key, ConnectionCap: the cap and fair share
+  Connection limits      Rejecter, Slot, ConnectionCap: the cap and fair share
   Servers                TcpServer, UnixServer, the socket file's safety, open_server
   Daemon client          HttpReader, DaemonClient: what status, release and receipts read
   Status                 `zeusd status`: the table, StreamFollower
@@ -68,7 +70,7 @@ have start() and stop().
 The route of `GET /gpu/get_power`: ConnectionCap.process_request admits the connection (cap,
 fair share) and starts HttpConnection on a thread; RequestReader.next_request reads the head
 (parse_head, or the same Request again for a repeated head); Api.handle gates the group,
-authenticates, routes to ReadHandlers.gpu_power (a part of Api), which takes Api.gpus_for the
+authenticates, routes to ReadHandlers.gpu_power (a part of Api), which takes Access.gpus_for the
 ids and ReadHandlers.power the values: Sampler.current gives a fresh Sample (read by the relays
 through GpuPowerMeter -> NvmlBackend.power_mw), PowerRendering.power renders its body once; the
 connection writes its reply in one sendall, counts it and logs it (RequestLines).
@@ -3344,13 +3346,6 @@ class Authenticator:
             raise unauthorized("Token has expired.")
         return claims
 
-    @staticmethod
-    def authorize(claims, group):
-        if group not in claims.scopes:
-            raise HttpError(403, "Token for user '%s' lacks required scope '%s'. Token scopes: "
-                                 "[%s]" % (claims.sub, group,
-                                           ", ".join("'%s'" % s for s in claims.scopes)))
-
 
 # ---- Access policy: the policy file, and what each of its tables lets a caller change ----
 
@@ -3540,21 +3535,42 @@ def parse_policy(path, document, lines, gpu_count):
     return Policy(path, budget_w, in_use, default, groups, users)
 
 
-# ---- Access: who asks (the principal), and whether it may make the change it asks for ----
+def log_policy(policy):
+    """One INFO line for the policy, and one for each group table no group has."""
+    log.info("policy %s: %d user and %d group table(s)%s%s%s", policy.path, len(policy.users),
+             len(policy.groups), ", a [default]" if policy.default is not None else
+             ", no [default] (callers no table names may change nothing)",
+             ", a node budget of %d W" % policy.budget_w if policy.budget_w else "",
+             "" if policy.refuse_in_use else ", GPUs in use by others may be changed")
+    for name in sorted(policy.groups):
+        try:
+            grp.getgrnam(name)
+        except KeyError:
+            log.info("policy %s: [group.%s] names a group this node does not have", policy.path,
+                     name)
+
+
+
+# ---- Callers: who asks: a TCP client's fair-share key, a change's principal, names and groups ----
 
 USERS_CACHE_S = 60.0  # how long a uid's passwd name and groups are kept
 USERS_CACHE_SIZE = 4096
-BUDGET_LOCK = "budget.lock"
 
 
-class Refused(HttpError):
-    """A change refused by access: counted by reason (policy, in-use, budget, held), and its
-    audit line says why (note)."""
-
-    def __init__(self, reason, status, message, note):
-        super().__init__(status, message)
-        self.reason = reason
-        self.note = note
+def client_key(host):
+    """Who a TCP client is, for its fair share: every loopback address is one client (a local
+    user may bind any of 127.0.0.0/8), an IPv6 address counts by its /64, an IPv4 one whole."""
+    if host.startswith("::ffff:") and "." in host:
+        host = host[7:]
+    if "." in host:
+        return "loopback" if host.startswith("127.") else host
+    if host == "::1":
+        return "loopback"
+    try:
+        prefix = socket.inet_pton(socket.AF_INET6, host.partition("%")[0])[:8]
+        return socket.inet_ntop(socket.AF_INET6, prefix + bytes(8)) + "/64"
+    except OSError:
+        return host
 
 
 class UserDirectory:
@@ -3630,6 +3646,23 @@ class Principal:
         return "an unauthenticated TCP caller"
 
 
+
+# ---- Access: who asks (the principal), and whether it may make the change it asks for ----
+
+HARDWARE_RANGES = {"set_power_limit": "power_limit_mw"}  # ranges read at startup, by operation
+BUDGET_LOCK = "budget.lock"
+
+
+class Refused(HttpError):
+    """A change refused by access: counted by reason (policy, in-use, budget, held), and its
+    audit line says why (note)."""
+
+    def __init__(self, reason, status, message, note):
+        super().__init__(status, message)
+        self.reason = reason
+        self.note = note
+
+
 def uid_text(uid):
     if uid is None:
         return "a user the daemon cannot see"
@@ -3640,10 +3673,12 @@ def uid_text(uid):
 
 
 class Access:
-    """Every "may this caller make this change": the policy's tables (403), then, after the
-    holds (409, held), whether other users' processes run on the GPUs (409, in-use) and the
-    node's power budget (409, budget). The policy is swapped whole on SIGHUP, so that each
-    request sees one policy. A request that changes nothing never comes here."""
+    """Every "may this caller do this", in one place: a token's scopes (403) and GPUs (403),
+    what a scrape shows it; for a change, the policy's tables (403), the hardware's ranges
+    (400), then, after the holds (409, held; decided in Holds.refusal), whether other users'
+    processes run on the GPUs (409, in-use) and the node's power budget (409, budget). The
+    policy is swapped whole on SIGHUP, and each request reads it once. A request that changes
+    nothing never looks at the policy, the groups or the process lists."""
 
     def __init__(self, node, policy_path=None, state_dir=None):
         self.node = node
@@ -3657,6 +3692,54 @@ class Access:
         self.unlisted = set()  # GPUs whose process list could not be read, logged once
         if self.policy is not None:
             log_policy(self.policy)
+
+    # What a token may do: its scopes and GPUs (the Rust daemon's tokens carry no gpus claim)
+
+    @staticmethod
+    def authorize(claims, group):
+        """HttpError(403) unless the token's scopes include the API group."""
+        if group not in claims.scopes:
+            raise HttpError(403, "Token for user '%s' lacks required scope '%s'. Token scopes: "
+                                 "[%s]" % (claims.sub, group,
+                                           ", ".join("'%s'" % s for s in claims.scopes)))
+
+    @staticmethod
+    def may_read(claims, group):
+        """Whether a scrape shows the families of a read group: without auth, or in scope."""
+        return claims is None or group in claims.scopes
+
+    def gpus_for(self, requested, claims, list_unknown=False):
+        """The GPU ids a request covers: those it names (403 if the token's gpus claim leaves
+        one out; 400 if one does not exist), else every GPU the token may use."""
+        if claims is None and requested is None:
+            return self.node.gpu_ids
+        allowed = claims.gpus if claims is not None else None
+        if allowed is not None:
+            if requested is None:
+                return tuple(i for i in self.node.gpu_ids if i in allowed)
+            refused = [i for i in requested if i not in allowed]
+            if refused:
+                raise HttpError(403, "Token for user '%s' is not allowed GPU(s) [%s]. Token GPUs: "
+                                     "[%s]" % (claims.sub, ", ".join(map(str, refused)),
+                                               ", ".join(map(str, allowed))))
+        return select_ids(requested, self.node.gpu_ids, "GPU", list_unknown)
+
+    def out_of_range(self, operation, ids, arguments):
+        """{gpu: error} for the GPUs whose hardware range (read at startup) excludes a value
+        asked for: refused before anything runs, as NVML would refuse it."""
+        if operation not in HARDWARE_RANGES:
+            return {}
+        milliwatts = arguments[HARDWARE_RANGES[operation]]
+        errors = {}
+        for index in ids:
+            limits = self.node.gpu.gpus[index].power_limit_range
+            if limits is not None and not limits[0] <= milliwatts <= limits[1]:
+                errors[index] = DeviceError(
+                    "invalid-argument", "power_limit_mw=%d is outside GPU %d's power limit range, "
+                    "%d to %d mW" % (milliwatts, index, limits[0], limits[1]))
+        return errors
+
+    # The policy, the processes on the GPUs, the budget
 
     def reload(self):
         """SIGHUP: re-read the policy; a bad file keeps the one in force (an ERROR line)."""
@@ -3835,21 +3918,6 @@ class BudgetStep:
         self.lock.release()
 
 
-def log_policy(policy):
-    """One INFO line for the policy, and one for each group table no group has."""
-    log.info("policy %s: %d user and %d group table(s)%s%s%s", policy.path, len(policy.users),
-             len(policy.groups), ", a [default]" if policy.default is not None else
-             ", no [default] (callers no table names may change nothing)",
-             ", a node budget of %d W" % policy.budget_w if policy.budget_w else "",
-             "" if policy.refuse_in_use else ", GPUs in use by others may be changed")
-    for name in sorted(policy.groups):
-        try:
-            grp.getgrnam(name)
-        except KeyError:
-            log.info("policy %s: [group.%s] names a group this node does not have", policy.path,
-                     name)
-
-
 
 # ---- HTTP, metrics: the Prometheus exposition of the devices and the daemon ----
 
@@ -3918,9 +3986,9 @@ class Metrics:
     def render(self, claims, gpu_ids, caller):
         """A scrape; a token limited to some GPUs is not shown the node-wide counters."""
         page = MetricsPage()
-        if "gpu-read" in self.groups and (claims is None or "gpu-read" in claims.scopes):
+        if "gpu-read" in self.groups and self.access.may_read(claims, "gpu-read"):
             self.gpu_families(page, gpu_ids, caller)
-        if "cpu-read" in self.groups and (claims is None or "cpu-read" in claims.scopes):
+        if "cpu-read" in self.groups and self.access.may_read(claims, "cpu-read"):
             self.cpu_families(page)
         self.daemon_families(page, node_wide=claims is None or claims.gpus is None)
         return Reply(200, page.body(), METRICS_TYPE)
@@ -4265,12 +4333,12 @@ def hold_json(hold, energy_mj, energy_note):
 
 class ControlHandlers:
     """Api's handlers of changes (checked by Access, then queued on the GPUs' workers),
-    holds and releases, and the caller's policy; a part of Api, whose node, access and
-    gpus_for they use."""
+    holds and releases, and the caller's policy; a part of Api, whose node and access they
+    use."""
 
     def control(self, operation, *arg_names):
         def handler(args, claims, request):
-            ids = self.gpus_for(args["gpu_ids"], claims)
+            ids = self.access.gpus_for(args["gpu_ids"], claims)
             values = tuple(args[n] for n in arg_names)
             named = "".join(" %s=%s" % (n, str(v).lower() if isinstance(v, bool) else v)
                             for n, v in zip(arg_names, values))
@@ -4292,10 +4360,9 @@ class ControlHandlers:
             try:
                 access.check_policy(policy, principal, operation, ids, dict(zip(arg_names,
                                                                                 values)))
-                if operation == "set_power_limit":
-                    out_of_range = self.out_of_range(ids, values[0])
-                    if out_of_range:
-                        return errors_reply(out_of_range)
+                out_of_range = access.out_of_range(operation, ids, dict(zip(arg_names, values)))
+                if out_of_range:
+                    return errors_reply(out_of_range)
                 if holds is not None:
                     message = holds.conflict(owner, ids)
                     if message is not None:
@@ -4332,13 +4399,13 @@ class ControlHandlers:
 
     def release(self, args, claims, request):
         requested = args.get("gpu_ids")
-        ids = None if requested is None else self.gpus_for(requested, claims)
+        ids = None if requested is None else self.access.gpus_for(requested, claims)
         holds = self.node.holds
         if holds is None:
             return Reply(200, b"{}")
         try:
             ended, errors = holds.release(self.owner(request, claims), ids,
-                                          self.gpus_for(None, claims), request.caller.gone)
+                                          self.access.gpus_for(None, claims), request.caller.gone)
         except DeviceError as err:
             raise HttpError(409, err.message)
         if errors:
@@ -4346,7 +4413,7 @@ class ControlHandlers:
         return Reply(200, json_body({str(gpu): job.receipt for gpu, job in ended.items()}))
 
     def holds(self, args, claims, request):
-        ids = self.gpus_for(args.get("gpu_ids"), claims)
+        ids = self.access.gpus_for(args.get("gpu_ids"), claims)
         held = self.node.holds.view() if self.node.holds is not None else {}
         counted = [gpu for gpu in ids if gpu in held and held[gpu].energy_mj is not None]
         caller = request.caller
@@ -4357,21 +4424,9 @@ class ControlHandlers:
             for gpu in ids if gpu in held}))
 
     def policy(self, args, claims, request):
-        ids = self.gpus_for(args.get("gpu_ids"), claims)
+        ids = self.access.gpus_for(args.get("gpu_ids"), claims)
         return Reply(200, json_body(self.access.view(
             Principal(request.caller, claims, self.access.directory), ids)))
-
-    def out_of_range(self, ids, milliwatts):
-        """{gpu: error} for the GPUs whose power limit range (read at startup) excludes
-        milliwatts: refused before anything runs, as NVML would refuse it."""
-        errors = {}
-        for index in ids:
-            limits = self.node.gpu.gpus[index].power_limit_range
-            if limits is not None and not limits[0] <= milliwatts <= limits[1]:
-                errors[index] = DeviceError(
-                    "invalid-argument", "power_limit_mw=%d is outside GPU %d's power limit range, "
-                    "%d to %d mW" % (milliwatts, index, limits[0], limits[1]))
-        return errors
 
 
 
@@ -4382,11 +4437,11 @@ Stream = collections.namedtuple("Stream", "sampler ids per_device")
 
 class ReadHandlers:
     """Api's handlers of reads: power (fresh samples), streams, energy, limits and their
-    constraints; a part of Api, whose node, access and gpus_for they use."""
+    constraints; a part of Api, whose node and access they use."""
 
     def constraints(self, args, claims, request):
         """Each GPU's power limit range, intersected with the caller's policy range."""
-        ids = self.gpus_for(args.get("gpu_ids"), claims)
+        ids = self.access.gpus_for(args.get("gpu_ids"), claims)
         caller = request.caller
         results, errors = self.node.gpu_calls.call_all(self.node.gpu.power_limit_constraints_mw,
                                                        ids, caller.gone, caller.abandon)
@@ -4403,7 +4458,7 @@ class ReadHandlers:
     def gpu_read(self, read, shape):
         """A handler answering {id: shape(read(id))} for the GPUs a request covers."""
         def handler(args, claims, request):
-            ids = self.gpus_for(args.get("gpu_ids"), claims)
+            ids = self.access.gpus_for(args.get("gpu_ids"), claims)
             caller = request.caller
             results, errors = self.node.gpu_calls.call_all(read, ids, caller.gone,
                                                            caller.abandon)
@@ -4413,12 +4468,12 @@ class ReadHandlers:
         return handler
 
     def gpu_power(self, args, claims, request):
-        ids = self.gpus_for(args.get("gpu_ids"), claims, list_unknown=True)
+        ids = self.access.gpus_for(args.get("gpu_ids"), claims, list_unknown=True)
         return self.power(self.node.gpu_sampler, ids)
 
     def gpu_stream(self, args, claims, request):
         return Stream(self.node.gpu_sampler,
-                      self.gpus_for(args.get("gpu_ids"), claims, list_unknown=True),
+                      self.access.gpus_for(args.get("gpu_ids"), claims, list_unknown=True),
                       self.per_device)
 
     def cpu_power(self, args, claims, request):
@@ -4587,7 +4642,7 @@ class Api(ControlHandlers, ReadHandlers):
                 result = Reply(404, error_body(message), reason=message)
             else:
                 if claims is not None and route.group is not None:
-                    self.auth.authorize(claims, route.group)
+                    self.access.authorize(claims, route.group)
                 if request.method != route.method:
                     raise HttpError(405, "Method %s is not allowed on %s; use %s."
                                     % (request.method, path, route.method),
@@ -4648,23 +4703,7 @@ class Api(ControlHandlers, ReadHandlers):
         return Reply(200, json_body(body))
 
     def scrape(self, args, claims, request):
-        return self.metrics.render(claims, self.gpus_for(None, claims), request.caller)
-
-    def gpus_for(self, requested, claims, list_unknown=False):
-        """The GPU ids a request covers: those it names (403 if the token's gpus claim leaves
-        one out; 400 if one does not exist), else every GPU the token may use."""
-        if claims is None and requested is None:
-            return self.node.gpu_ids
-        allowed = claims.gpus if claims is not None else None
-        if allowed is not None:
-            if requested is None:
-                return tuple(i for i in self.node.gpu_ids if i in allowed)
-            refused = [i for i in requested if i not in allowed]
-            if refused:
-                raise HttpError(403, "Token for user '%s' is not allowed GPU(s) [%s]. Token GPUs: "
-                                     "[%s]" % (claims.sub, ", ".join(map(str, refused)),
-                                               ", ".join(map(str, allowed))))
-        return select_ids(requested, self.node.gpu_ids, "GPU", list_unknown)
+        return self.metrics.render(claims, self.access.gpus_for(None, claims), request.caller)
 
 
 
@@ -5330,22 +5369,6 @@ class Slot:
                 server.by_client[self.client] -= 1
                 if not server.by_client[self.client]:
                     del server.by_client[self.client]
-
-
-def client_key(host):
-    """Who a TCP client is, for its fair share: every loopback address is one client (a local
-    user may bind any of 127.0.0.0/8), an IPv6 address counts by its /64, an IPv4 one whole."""
-    if host.startswith("::ffff:") and "." in host:
-        host = host[7:]
-    if "." in host:
-        return "loopback" if host.startswith("127.") else host
-    if host == "::1":
-        return "loopback"
-    try:
-        prefix = socket.inet_pton(socket.AF_INET6, host.partition("%")[0])[:8]
-        return socket.inet_ntop(socket.AF_INET6, prefix + bytes(8)) + "/64"
-    except OSError:
-        return host
 
 
 class ConnectionCap(socketserver.ThreadingMixIn):
