@@ -752,11 +752,15 @@ def process_uid(pid):
     return None
 
 
-SLURM_JOB = re.compile(r"/job_([0-9]{1,20})(?=/|$)")
+# a Slurm job's cgroup, as slurmd makes it (v2: under system.slice; v1: /slurm/uid_N/): a user's
+# delegated subtree (user@UID.service) cannot name one
+SLURM_JOB = re.compile(r"^(?:/system\.slice/(?:[^/]*_)?slurmstepd\.scope|/slurm(?:_[^/]*)?/uid_"
+                       r"[0-9]+)/job_([0-9]{1,20})(?=/|$)")
 
 
 def slurm_job_of(pid):
-    """The Slurm job id (digits) of a process in a Slurm job's cgroup (v1 or v2), or None."""
+    """The Slurm job id (digits) of a process in a Slurm job's cgroup (v1 or v2, as slurmd
+    makes them), or None."""
     try:
         with open("/proc/%d/cgroup" % pid, "rb") as cgroups:
             lines = cgroups.read(MAX_FILE_BYTES).decode("utf-8", "replace").splitlines()
@@ -1641,6 +1645,7 @@ class BoundedCalls:
 # ---- GPU control: one worker thread per GPU, commands run one at a time in arrival order ----
 
 CONTROL_QUEUE_LIMIT = 64
+NO_STEP = contextlib.suppress()  # a with-block that does nothing
 CLIENT_ERROR_KINDS = ("invalid-argument", "not-supported", "conflict")
 
 
@@ -1651,10 +1656,11 @@ class ControlJob:
     whether its caller had already been answered that it took too long."""
 
     __slots__ = ("gpu", "operation", "args", "named", "who", "limit_s", "deadline", "done",
-                 "error", "answered", "claim")
+                 "error", "answered", "claim", "step")
 
-    def __init__(self, gpu, operation, args, named, who, limit_s, claim=None):
+    def __init__(self, gpu, operation, args, named, who, limit_s, claim=None, step=None):
         self.claim = claim  # a HoldClaim: may refuse the change, and puts it on the hold's record
+        self.step = step  # step(gpu): a with-block around the change (the node's budget check)
         self.gpu = gpu
         self.operation = operation
         self.args = args
@@ -1672,7 +1678,8 @@ class ControlJob:
             if self.claim is not None:
                 claimed = self.claim.before(self.gpu)
             if self.operation != "hold":
-                getattr(backend, self.operation)(self.gpu, *self.args)
+                with self.step(self.gpu) if self.step is not None else NO_STEP:
+                    getattr(backend, self.operation)(self.gpu, *self.args)
         except DeviceError as err:
             self.error = err
         except Exception as err:
@@ -1718,17 +1725,17 @@ class GpuControl:
         for jobs in self.queues:
             jobs.put(None)
 
-    def submit(self, ids, operation, args, named, who, claim=None):
+    def submit(self, ids, operation, args, named, who, claim=None, step=None):
         """Queue the command on every GPU in ids, or on none if one of their queues is full;
-        named ('power_limit_mw=200000') and who (the caller) are for the audit line, claim
-        (see ControlJob) for the holds."""
+        named ('power_limit_mw=200000') and who (the caller) are for the audit line, claim and
+        step (see ControlJob) for the holds and the node's budget."""
         limit_s = self.backend.limit_s(operation)
         with self.lock:
             for index in ids:
                 if self.queues[index].qsize() >= CONTROL_QUEUE_LIMIT:
                     raise DeviceError("busy", "GPU %d is busy: %d commands are waiting"
                                       % (index, CONTROL_QUEUE_LIMIT))
-            jobs = [ControlJob(index, operation, args, named, who, limit_s, claim)
+            jobs = [ControlJob(index, operation, args, named, who, limit_s, claim, step)
                     for index in ids]
             for job in jobs:
                 self.queues[job.gpu].put(job)
@@ -2084,7 +2091,7 @@ def receipt_lines(directory):
             continue
         with os.fdopen(fd, "rb") as opened:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise OSError(errno.EINVAL, "%s is not a regular file" % opened.name)
+                raise OSError(errno.EINVAL, "%s is not a regular file" % name)
             too_long = False
             for line in iter(lambda: opened.readline(MAX_RECEIPT_BYTES), b""):
                 if not too_long and line.endswith(b"\n"):
@@ -2400,15 +2407,18 @@ class Holds:
                                               "within %d s" % (job.gpu, RESTORE_WAIT_S))
             elif job.error is not None:
                 errors[job.gpu] = job.error
-        self.wait_for_restores(scope, deadline, gone)
+        self.wait_for_restores(owner, ids, within, deadline, gone)
         return {job.gpu: job for job in jobs}, errors
 
-    def wait_for_restores(self, scope, deadline, gone):
-        """Wait (until deadline) for the restores of the GPUs of scope that are under way,
-        this daemon's or another's of the node, so that their receipts are on file."""
+    def wait_for_restores(self, owner, ids, within, deadline, gone):
+        """Wait (until deadline) for the restores under way, this daemon's or another's of
+        the node, of the GPUs of ids (else of the GPUs of within the owner may release), so
+        that their receipts are on file."""
         while time.monotonic() < deadline:
             restoring = [int(key) for key, hold in self.store.current().items()
-                         if hold.restoring and int(key) in scope]
+                         if hold.restoring and (int(key) in ids if ids is not None else
+                                                int(key) in within and
+                                                self.may_change(owner, hold))]
             if not restoring:
                 return
             with self.lock:
@@ -3051,7 +3061,6 @@ def errors_reply(errors):
 
 
 EMPTY_OK = Reply(200)
-NO_STEP = contextlib.suppress()  # a with-block that does nothing
 REASONS = {100: "Continue", 200: "OK", 400: "Bad Request", 401: "Unauthorized",
            403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed", 409: "Conflict",
            408: "Request Timeout", 413: "Content Too Large", 414: "URI Too Long",
@@ -3684,7 +3693,8 @@ class Access:
         self.node = node
         self.policy_path = policy_path
         self.policy = load_policy(policy_path, len(node.gpu_ids)) if policy_path else None
-        self.budget_path = state_dir and os.path.join(state_dir, BUDGET_LOCK)
+        self.budget_path = os.path.join(state_dir or DEFAULT_STATE_DIR, BUDGET_LOCK)
+        self.budget_unlocked = False  # the flock could not be had (logged once)
         self.directory = UserDirectory()
         self.lock = threading.Lock()
         self.budget_lock = threading.Lock()
@@ -3751,6 +3761,7 @@ class Access:
             log.error("SIGHUP: keeping the current policy: %s", err)
             return
         self.policy = policy
+        self.directory = UserDirectory()  # group changes apply at once too
         log.info("SIGHUP: reloaded the policy from %s", self.policy_path)
         log_policy(policy)
 
@@ -3816,15 +3827,17 @@ class Access:
                     "in use by %s" % ", ".join("?" if uid is None else str(uid)
                                                for uid in others)))
 
-    def budget_step(self):
-        """The lock that makes a budget check and its change one step for the node: this
-        daemon's, and an flock in the state directory for the node's other daemons."""
-        return BudgetStep(self.budget_lock, self.budget_path)
+    def budget_step(self, policy, milliwatts):
+        """step(gpu) for a power limit change (see ControlJob): on the GPU's worker, the
+        budget checked again and the change made as one step for the node, under this
+        daemon's lock and an flock beside the state for the node's other daemons; the API's
+        check before it answers at once, this one is the one that counts."""
+        return lambda gpu: BudgetStep(self, policy, gpu, milliwatts)
 
     def check_budget(self, policy, ids, milliwatts, caller):
         """Refused(409) if setting ids to milliwatts raises the sum of the node's GPU power
-        limits above the budget (call within budget_step()). A change that raises no GPU's
-        limit passes without reading the others'."""
+        limits above the budget. A change that raises no GPU's limit passes without reading
+        the others'."""
         if policy is None or policy.budget_w is None:
             return
         if all(milliwatts <= limit for limit in self.power_limits(caller, ids).values()):
@@ -3841,9 +3854,10 @@ class Access:
                 "budget %d W" % policy.budget_w))
 
     def power_limits(self, caller, ids):
-        """{gpu: power limit mW} of the GPUs ids; 503 if one cannot be read."""
-        results, errors = self.node.gpu_calls.call_all(self.node.gpu.power_limit_mw, ids,
-                                                       caller.gone, caller.abandon)
+        """{gpu: power limit mW} of the GPUs ids; 503 if one cannot be read. (caller None: on a
+        GPU's worker, nobody to answer from elsewhere.)"""
+        results, errors = self.node.gpu_calls.call_all(
+            self.node.gpu.power_limit_mw, ids, caller and caller.gone, caller and caller.abandon)
         for gpu, err in sorted(errors.items()):
             raise HttpError(503, "cannot read GPU %d's power limit, which the node's power "
                                  "budget needs: %s" % (gpu, err.message))
@@ -3892,30 +3906,42 @@ class Access:
 
 
 class BudgetStep:
-    """with: a budget check and the change it allows, one at a time on the node."""
+    """with, on a GPU's worker: the node's budget checked for the GPU's new power limit, and
+    the change made, one at a time on the node (this daemon's lock, and an flock on
+    budget.lock in the state directory for the others); a refusal is a DeviceError."""
 
-    def __init__(self, lock, path):
-        self.lock = lock
-        self.path = path
+    def __init__(self, access, policy, gpu, milliwatts):
+        self.access = access
+        self.policy = policy
+        self.gpu = gpu
+        self.milliwatts = milliwatts
         self.fd = None
 
     def __enter__(self):
-        self.lock.acquire()
-        if self.path is not None:
-            try:
-                self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
-                                  0o600)
-                fcntl.flock(self.fd, fcntl.LOCK_EX)
-            except OSError as err:
-                log.error("cannot lock %s for the node's power budget: %s; checking within "
-                          "this daemon only", self.path, err.strerror or err)
+        access = self.access
+        access.budget_lock.acquire()
+        try:
+            self.fd = os.open(access.budget_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW
+                              | os.O_CLOEXEC, 0o600)
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+        except OSError as err:
+            if not access.budget_unlocked:
+                access.budget_unlocked = True
+                log.error("cannot lock %s for the node's power budget: %s; its changes are "
+                          "one at a time within this daemon only", access.budget_path,
+                          err.strerror or err)
+        try:
+            access.check_budget(self.policy, [self.gpu], self.milliwatts, None)
+        except HttpError as err:
+            self.__exit__()
+            raise DeviceError("conflict" if err.status == 409 else "timeout", err.message)
         return self
 
     def __exit__(self, *exc):
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
-        self.lock.release()
+        self.access.budget_lock.release()
 
 
 
@@ -4371,18 +4397,18 @@ class ControlHandlers:
                 if holds is not None:
                     claim = HoldClaim(holds, owner, None if operation == "hold" else dict(
                         [("op", operation)] + list(zip(arg_names, values))))
-                with access.budget_step() if budgeted else NO_STEP:
-                    if budgeted:
-                        access.check_budget(policy, ids, values[0], caller)
-                    jobs = self.node.control.submit(ids, operation, values, named, who, claim)
-                    if block or budgeted:
-                        outcomes = [(job.gpu, job.outcome(caller.gone)) for job in jobs]
+                step = None
+                if budgeted:
+                    access.check_budget(policy, ids, values[0], caller)
+                    step = access.budget_step(policy, values[0])
             except Refused as refusal:
                 audit(False, "%s %s gpu=%s%s: refused: %s", who, operation,
                       ",".join(map(str, ids)), named, refusal.note)
                 raise
+            jobs = self.node.control.submit(ids, operation, values, named, who, claim, step)
             if not block:
                 return EMPTY_OK
+            outcomes = [(job.gpu, job.outcome(caller.gone)) for job in jobs]
             return errors_reply({gpu: error for gpu, error in outcomes if error is not None})
         return handler
 
@@ -4392,7 +4418,8 @@ class ControlHandlers:
         over TCP the token's user (until it expires); None (unowned) over TCP without auth."""
         caller = request.caller
         if caller.uid is not None:
-            return Owner(caller.uid, None, session_of(caller.pid, caller.connected), None)
+            return Owner(caller.uid, None, session_of(caller.pid, caller.connected), None,
+                         claims is not None and claims.admin)
         if claims is not None:
             return Owner(None, claims.sub, None, claims.exp, claims.admin)
         return None
@@ -6645,10 +6672,11 @@ def serve(args, groups):
         overrides = load_overrides(args.gpu_command_overrides)
     check_privileges(groups, overrides)
     hold_store = None
-    if "gpu-control" in groups and not args.no_restore:
-        make_default_directory(args.state_dir, DEFAULT_STATE_DIR)
+    if "gpu-control" in groups and (not args.no_restore or args.policy):
+        make_default_directory(args.state_dir, DEFAULT_STATE_DIR)  # holds, receipts, budget.lock
         check_state_directory(args.state_dir, os.path.dirname(os.path.abspath(args.socket_path))
                               if args.mode == "uds" else None)
+    if "gpu-control" in groups and not args.no_restore:
         if args.mode == "uds":
             check_process_visibility()
         hold_store = HoldStore(args.state_dir)
@@ -6659,7 +6687,7 @@ def serve(args, groups):
     if overrides:
         log.info("GPU command overrides from %s: %s", args.gpu_command_overrides,
                  ", ".join(overrides))
-    access = Access(node, args.policy, hold_store and hold_store.directory)
+    access = Access(node, args.policy, args.state_dir)
     api = Api(node, groups, authenticator, args.stream_format, access)
     raise_file_limit(args.max_connections + FILE_LIMIT_HEADROOM)
     server = open_server(args, api)
