@@ -470,6 +470,8 @@ class TomlReader:
                 self.skip()
                 names = [self.key()]
                 while self.peek() == ".":
+                    if len(names) >= TOML_MAX_DEPTH:
+                        self.fail("tables nested deeper than %d levels" % TOML_MAX_DEPTH)
                     self.pos += 1
                     names.append(self.key())
                 self.skip()
@@ -786,7 +788,10 @@ NVML_ABSENT = (9, 12)  # driver not loaded, library not found
 NVML_NOT_SUPPORTED = 3
 NVML_VALUE_FIELDS = ("dVal", "uiVal", "ulVal", "ullVal", "sllVal", "siVal", "usVal")
 FIELD_STATUS = struct.Struct("=II")  # nvmlFieldValue_t's valueType and nvmlReturn
-FIELD_VALUES = tuple(struct.Struct("=" + code) for code in "dILQqiH")  # by valueType
+# by valueType: double, unsigned int, unsigned long (C's, 8 bytes on 64-bit Linux), unsigned
+# long long, long long, int, unsigned short
+FIELD_VALUES = tuple(struct.Struct("=" + code) for code in "dI%sQqiH" % (
+    "Q" if ctypes.sizeof(ctypes.c_ulong) == 8 else "L"))
 
 
 class GpuBackend:
