@@ -6796,6 +6796,50 @@ def test_the_readme_epilog_puts_the_jobs_gpu_energy_into_its_job_record(node, st
         remove_cgroup(cgroup)
 
 
+@pytest.mark.skipif(not shutil.which("curl"), reason="needs curl")
+def test_the_readme_epilog_releases_and_records_a_job_on_a_tcp_only_node(node, key_path, start):
+    """The epilog's TCP branch, run as written under sh (only the daemon's address, the token
+    file and a socket path that does not exist put in): an admin token releases the GPU that
+    the job's token holds, the job's energy reaches its record, and a missing token file
+    fails the epilog loudly."""
+    epilog = readme_epilog()
+    daemon = start("--enable", "gpu-control,gpu-read", "--signing-key-path", key_path,
+                   mode="tcp")
+    with open(key_path, "rb") as key_file:
+        key = key_file.read()
+    admin = zeusd.issue_token(key, "slurm", ["gpu-control"], None, admin=True)
+    job_token = zeusd.issue_token(key, "alice/4242", ["gpu-control", "gpu-read"],
+                                  int(time.time()) + 3600)
+    token_file = os.path.join(node.root, "epilog.token")
+    with open(token_file, "w") as written:
+        written.write(admin + "\n")
+    bin_dir = os.path.join(node.root, "bin")
+    os.mkdir(bin_dir)
+    recorded = os.path.join(node.root, "scontrol.args")
+    write_script(bin_dir, "scontrol", 'printf "%%s\\n" "$@" > %s\n' % recorded)
+    write_script(bin_dir, "zeusd", 'if [ "$1" = receipts ]; then set -- "$@" --state-dir %s; '
+                 'fi\nexec %s %s "$@"\n' % (state_path(node), PYTHON, ZEUSD))
+    script = epilog.replace("/run/zeusd/zeusd.sock", os.path.join(node.root, "no.sock")).replace(
+        "/etc/zeusd/epilog.token", token_file).replace("127.0.0.1:4938",
+                                                       "%s:%d" % daemon.address)
+    env = dict(os.environ, PATH=bin_dir + ":" + os.environ.get("PATH", "/usr/bin:/bin"),
+               SLURM_JOB_GPUS="0", SLURM_JOB_ID="4242", SLURM_JOB_USER="alice")
+    assert daemon.post("/gpu/hold?gpu_ids=0", token=job_token).status == 200
+    node.set_gpu(0, energy_mj=node.state["gpus"][0]["energy_mj"] + 20000500)
+    result = subprocess.run(["sh", "-c", script], timeout=TIMEOUT, env=env,
+                            stderr=subprocess.PIPE)
+    assert (result.returncode, result.stderr) == (0, b"")
+    assert "reason=released: ok" in daemon.log()
+    assert daemon.get_json("/gpu/holds", token=job_token) == {}
+    with open(recorded) as arguments:
+        assert arguments.read().splitlines() == [
+            "update", "JobId=4242", "AdminComment=gpu_energy_j=0:20000.5"]
+    os.remove(token_file)
+    result = subprocess.run(["sh", "-c", script], timeout=TIMEOUT, env=env,
+                            stderr=subprocess.PIPE)
+    assert result.returncode == 1 and result.stderr
+
+
 # ---- Policy check: zeusd policy check gives the daemon's message ----
 
 def test_policy_check_gives_the_daemons_message(policed, people):
