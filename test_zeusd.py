@@ -2344,7 +2344,7 @@ TOML_DOCUMENTS = [
 
 @pytest.mark.parametrize("text", TOML_DOCUMENTS)
 def test_toml_subset_reads_as_tomllib_does(text):
-    parsed = zeusd.parse_toml(text)
+    parsed = zeusd.TomlReader(text).document()
     try:
         import tomllib
     except ImportError:
@@ -2363,7 +2363,7 @@ TOML_ERRORS = [
 @pytest.mark.parametrize("text", TOML_ERRORS)
 def test_toml_subset_refuses_what_it_does_not_read(text):
     with pytest.raises(ValueError, match="line [0-9]+: "):
-        zeusd.parse_toml(text)
+        zeusd.TomlReader(text).document()
 
 
 DOTTED_DOCUMENTS = [
@@ -2382,7 +2382,7 @@ DOTTED_DOCUMENTS = [
 @pytest.mark.parametrize("text", DOTTED_DOCUMENTS)
 def test_dotted_table_headers_read_as_tomllib_reads_them(text):
     tomllib = pytest.importorskip("tomllib")
-    assert zeusd.parse_toml(text) == tomllib.loads(text)
+    assert zeusd.TomlReader(text).document() == tomllib.loads(text)
 
 
 DOTTED_ERRORS = [  # tomllib refuses each too
@@ -2408,7 +2408,7 @@ def test_dotted_headers_tomllib_refuses_are_refused_with_the_line(text):
         with pytest.raises(tomllib.TOMLDecodeError):
             tomllib.loads(text)
     with pytest.raises(ValueError, match=r"^line \d+: "):
-        zeusd.parse_toml(text)
+        zeusd.TomlReader(text).document()
 
 
 DOTTED_SUBSET = [  # tomllib reads these; the subset refuses them with a line
@@ -2422,7 +2422,7 @@ DOTTED_SUBSET = [  # tomllib reads these; the subset refuses them with a line
 @pytest.mark.parametrize("text", DOTTED_SUBSET)
 def test_dotted_forms_beyond_the_subset_are_refused_not_misread(text):
     with pytest.raises(ValueError, match=r"^line \d+: "):
-        zeusd.parse_toml(text)
+        zeusd.TomlReader(text).document()
 
 
 def test_the_reader_maps_tables_and_keys_to_their_lines():

@@ -612,10 +612,6 @@ class TomlReader:
                 self.fail("expected ',' or ']' in an array")
 
 
-def parse_toml(text):
-    return TomlReader(text).document()
-
-
 def read_trusted_toml(path, flag, refusal):
     """A TomlReader of a file the daemon trusts as the admin's: a regular
     file of at most 64 KiB owned by root or the daemon's user and not writable by everyone
@@ -4920,11 +4916,6 @@ def set_receive_timeout(sock, seconds):
     EAGAIN. Set once per connection, it costs nothing per request, where a Python-level socket
     timeout polls before every recv and send."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack(
-        "ll", int(seconds), int(seconds % 1 * 1000000)))
-
-
-def set_send_timeout(sock, seconds):
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack(
         "ll", int(seconds), int(seconds % 1 * 1000000)))
 
 
