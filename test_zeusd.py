@@ -5866,7 +5866,72 @@ def test_order_of_checks(key_path, start):
     assert daemon.get("/gpu/get_power?bad=1", token=reader).status == 400
 
 
-# ---- HTTP, framing: strict heads and bodies within limits ----
+# ---- HTTP, heads: the cache and the full reading agree, unread fields checked and left out ----
+
+HEADS = [
+    b"GET /time HTTP/1.1\r",
+    b"GET /a?b=1 HTTP/1.0\r\nConnection: keep-alive\r\nHost: x\r",
+    b"POST /x HTTP/1.1\r\nContent-Length: 3\r\ncontent-length:3 \r\nX-Id: 1\r",
+    b"GET /x HTTP/1.1\r\nConnection: a\r\nCONNECTION: \tb\r\nX-Tab:\tv\t\r",
+    b"GET http://h/x?y HTTP/1.1\r\nAuthorization: Bearer t\r\nExpect: 100-continue\r",
+    b"GET /x HTTP/1.1\r\nHost: x\nX-Bare: lf\r",
+    b"GET /x HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r",
+    b"GET /x HTTP/1.1\r\nX Id: 1\r",
+    b"GET /x HTTP/1.1\r\nX-Id: a\x00b\r",
+    b"GET /x HTTP/1.1\r\nX-Id: a\rb\r",
+    b"GET /x HTTP/1.1\r\nConnectionx: close\r",
+    b"GET /x HTTP/2.0\r\nHost: x\r",
+    b"GET /x HTTP/1.1\r\n" + b"X-A: b\r\n" * 101 + b"X-A: b\r",
+]
+
+
+def head_answer(read, head):
+    """What reading a head gives: the Request's fields, or the error's status and message."""
+    try:
+        return tuple(read(head))
+    except zeusd.HttpError as err:
+        return err.status, err.message
+
+
+def test_a_head_reads_the_same_from_the_line_cache_and_in_full():
+    for head in HEADS:
+        in_full = head_answer(zeusd.parse_head_in_full, head)
+        assert head_answer(zeusd.parse_head, head) == in_full, head
+        assert head_answer(zeusd.parse_head, head) == in_full, head  # now from the cache
+
+
+def test_fields_the_daemon_does_not_read_are_checked_then_left_out():
+    request = zeusd.parse_head(b"GET /x HTTP/1.1\r\nHost: x\r\nX-Id: 1\r\nConnection: a\r\n"
+                               b"connection: b\r\nX-Id: 2\r")
+    assert request.headers == {"connection": "a, b"}
+    with pytest.raises(zeusd.HttpError) as raised:
+        zeusd.parse_head(b"GET /x HTTP/1.1\r\nHost: x\r\nX-Id: \x01\r")
+    assert raised.value.status == 400
+
+
+def test_a_head_that_differs_only_in_unread_fields_is_the_same_request():
+    last = zeusd.parse_head(b"GET /time HTTP/1.1\r\nHost: x\r\nX-Request-Id: 1\r")
+    same = b"GET /time HTTP/1.1\r\nHost: y\r\nX-Request-Id: 2\r"
+    assert zeusd.parse_head(same, None, last) is last
+    for other in (b"GET /time HTTP/1.1\r\nHost: x\r\nConnection: close\r",
+                  b"GET /time?x=1 HTTP/1.1\r\nHost: x\r", b"HEAD /time HTTP/1.1\r",
+                  b"GET /time HTTP/1.0\r"):
+        request = zeusd.parse_head(other, None, last)
+        assert request is not last and request == zeusd.parse_head_in_full(other)
+
+
+def test_a_tracing_client_that_asks_to_close_is_closed(daemon):
+    """A keep-alive client whose heads differ in a request id each time, then in Connection."""
+    connection = daemon.connect()
+    for request_id in range(3):
+        response = connection.request("GET", "/time", {"X-Request-Id": str(request_id)})
+        assert response.status == 200 and "connection" not in response.headers
+    response = connection.request("GET", "/time", {"X-Request-Id": "3", "Connection": "close"})
+    assert response.status == 200 and response.headers["connection"] == "close"
+    assert connection.closed_by_peer()
+
+
+# ---- HTTP, framing: requests read off a socket, bodies within limits ----
 
 @pytest.mark.parametrize("data, status", [
     (b"GARBAGE\r\n\r\n", 400),

@@ -53,7 +53,8 @@ HTTP: from the status of a reply to the bytes on the wire
   HTTP, control handlers ControlHandlers: changes, holds, releases, the caller's policy
   HTTP, read handlers    ReadHandlers: power, streams, energy, limits, constraints
   HTTP, API              Api.handle(request): group gate, auth, route, method, parameters
-  HTTP, framing          parse_head, RequestReader: strict heads and bodies within limits
+  HTTP, heads            parse_head: strict heads, the lines met before read from a cache
+  HTTP, framing          RequestReader: requests read off a socket, bodies within limits
   HTTP, connection       Caller (who asks), HttpConnection (serve, reply, stream)
 Programs: the servers, the commands that ask a daemon, the command line, main
   Connection limits      Rejecter, Slot, ConnectionCap: the cap and fair share
@@ -69,11 +70,12 @@ have start() and stop().
 
 The route of `GET /gpu/get_power`: ConnectionCap.process_request admits the connection (cap,
 fair share) and starts HttpConnection on a thread; RequestReader.next_request reads the head
-(parse_head, or the same Request again for a repeated head); Api.handle gates the group,
-authenticates, routes to ReadHandlers.gpu_power (a part of Api), which takes Access.gpus_for the
-ids and ReadHandlers.power the values: Sampler.current gives a fresh Sample (read by the relays
-through GpuPowerMeter -> NvmlBackend.power_mw), PowerRendering.power renders its body once; the
-connection writes its reply in one sendall, counts it and logs it (RequestLines).
+(parse_head, or the same Request again for a head that asks the same); Api.handle gates the
+group, authenticates, routes to ReadHandlers.gpu_power (a part of Api), which takes
+Access.gpus_for the ids and ReadHandlers.power the values: Sampler.current gives a fresh
+Sample (read by the relays through GpuPowerMeter -> NvmlBackend.power_mw), PowerRendering.power
+renders its body once; the connection writes its reply in one sendall, counts it and logs it
+(RequestLines).
 """
 
 import argparse
@@ -307,32 +309,39 @@ class RequestLines:
     costs several times more), at most 100 a second: past that they are counted by status and
     summarised in one line a second later, so that a flood of requests cannot push the audit
     lines, warnings and errors past journald's rate limit. The caller checks that INFO is on
-    before it formats the text, and escapes what a client sent in it."""
+    and asks admit() before it formats the text, and escapes what a client sent in it."""
 
     PER_SECOND = 100
 
     def __init__(self):
         self.lock = threading.Lock()
-        self.second = None
+        self.window_end = 0.0  # time.monotonic() when this second's allowance of lines renews
         self.written = 0  # in this second; counted without a lock, so a race may let one more by
-        self.left_out = collections.Counter()  # status -> lines not written
+        # the statuses of the lines left out: appended (atomic) without a lock, and only
+        # summarise takes them out, from the front
+        self.left_out = []
         self.summary_due = False
 
+    def admit(self, status, now):
+        """Whether a line may be written now (now: time.monotonic()); if not, it is counted."""
+        if now >= self.window_end:
+            self.window_end, self.written = now + 1.0, 0
+        self.written += 1
+        if self.written <= self.PER_SECOND:
+            return True
+        self.left_out.append(status)
+        if not self.summary_due:
+            self.schedule_summary()
+        return False
+
     def write(self, status, text):
+        if self.admit(status, time.monotonic()):
+            self.emit(text)
+
+    def emit(self, text):
+        """Write one admitted line (text: anything whose str is the line)."""
         now = time.time()
         second = int(now)
-        if second != self.second:
-            self.second, self.written = second, 0
-        self.written += 1
-        if self.written > self.PER_SECOND:
-            with self.lock:
-                self.left_out[status] += 1
-                if not self.summary_due:
-                    self.summary_due = True
-                    summary = threading.Timer(1.0, self.summarise)
-                    summary.daemon = True
-                    summary.start()
-            return
         style = LINE_STYLE  # LineStyle.prefix for INFO, inlined: keep the two alike
         if style.journal:
             line = "<6>%s\n" % text
@@ -345,15 +354,29 @@ class RequestLines:
         if written < len(data):
             write_line(data[written:])
 
-    def summarise(self):
+    def schedule_summary(self):
         with self.lock:
-            left_out, self.left_out, self.summary_due = self.left_out, collections.Counter(), \
-                False
+            if not self.summary_due:
+                self.summary_due = True
+                summary = threading.Timer(1.0, self.summarise)
+                summary.daemon = True
+                summary.start()
+
+    def summarise(self):
+        """One line for the lines left out so far. The flag is cleared first: a line left out
+        after that schedules the next summary, and one left out before it is taken here."""
+        self.summary_due = False
+        left_out = self.left_out
+        count = len(left_out)
+        if not count:
+            return
+        statuses = collections.Counter(left_out[:count])
+        del left_out[:count]
         write_line(LINE_STYLE.line(logging.INFO, "INFO", "%d request lines left out (over %d a "
                                    "second), by status: %s" % (
-                                       sum(left_out.values()), self.PER_SECOND,
+                                       count, self.PER_SECOND,
                                        ", ".join("%d: %d" % item for item in
-                                                 sorted(left_out.items())))))
+                                                 sorted(statuses.items())))))
 
 
 REQUEST_LINES = RequestLines()
@@ -4735,31 +4758,20 @@ class Api(ControlHandlers, ReadHandlers):
 
 
 
-# ---- HTTP, framing: strict request heads and bodies within limits, read off a socket ----
+# ---- HTTP, heads: a request head read strictly, the lines met before from a cache ----
 
-IDLE_TIMEOUT_S = 60.0
-HEADER_TIMEOUT_S = 10.0
-STREAM_SEND_TIMEOUT_S = 10.0
-MAX_REQUEST_LINE = 8192
-MAX_HEADER_BYTES = 65536
 MAX_HEADER_LINES = 100
-MAX_BODY = 65536
-MAX_CHUNK_LINE = 1024
 # method, target (no spaces or control characters), version
 REQUEST_LINE_PATTERN = rb"([A-Z]{1,20}) ([\x21-\x7e\x80-\xff]+) (HTTP/[0-9]\.[0-9])"
 # an RFC 9110 token as the name; the value free of CR, LF, NUL and other control characters but
 # the tab (parse_head trims spaces and tabs, and nothing else, around it)
-HEADER_LINE_PATTERN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\x00-\x08\x0a-\x1f\x7f]*"
+TOKEN_PATTERN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+FIELD_VALUE_PATTERN = rb"[^\x00-\x08\x0a-\x1f\x7f]*"
+HEADER_LINE_PATTERN = TOKEN_PATTERN + rb":" + FIELD_VALUE_PATTERN
 REQUEST_LINE = re.compile(REQUEST_LINE_PATTERN)
 # a whole head, its lines joined by LF, checked in one match; its fields then found in one more
 HEAD = re.compile(REQUEST_LINE_PATTERN + rb"((?:\n" + HEADER_LINE_PATTERN + rb")*)")
 HEADER_FIELD = re.compile(rb"\n([^:\n]+):([^\n]*)")
-CONTENT_LENGTH = re.compile(r"[0-9]{1,18}")
-CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,8}")
-
-
-class ConnectionClosed(Exception):
-    """The client closed the connection (or sent nothing while idle)."""
 
 
 # Request lines and header lines seen before (each valid, at most MAX_KNOWN_LINE bytes), as
@@ -4768,27 +4780,37 @@ class ConnectionClosed(Exception):
 # that has been here before), is read in a dictionary lookup per line. At most MAX_KNOWN lines
 # each (emptied when full): within a few hundred KB whatever clients send.
 KNOWN_REQUEST_LINES = {}  # request line -> (method, path, query, version)
-KNOWN_FIELDS = {}  # header line -> (lowercase name, value trimmed of spaces and tabs)
+KNOWN_FIELDS = {}  # header line -> (lowercase name, trimmed value), or NOT_READ
+# The header fields the daemon reads; a Request's headers hold only these (the others are
+# checked as strictly, then left out)
+READ_FIELDS = frozenset(["authorization", "connection", "content-length", "expect",
+                         "transfer-encoding"])
+NOT_READ = ()
 MAX_KNOWN = 512
 MAX_KNOWN_LINE = 512
-FIELD_LINE = re.compile(HEADER_LINE_PATTERN)
+# a header line, as HEADER_LINE_PATTERN; its group 1 matches where the name is one of READ_FIELDS
+FIELD_LINE = re.compile(rb"(?:(?i:(%s))|%s):%s" % (
+    "|".join(sorted(READ_FIELDS)).encode(), TOKEN_PATTERN, FIELD_VALUE_PATTERN))
 
 
-def parse_head(head, caller=None):
-    """A Request from a head (request line and header lines, without the empty line).
+def parse_head(head, caller=None, last=None):
+    """A Request from a head (request line and header lines, without the empty line); last,
+    the connection's previous Request, again if the head asks the same (only fields the daemon
+    does not read differ, such as a tracing client's request id).
 
     A head of CRLF lines each valid (every line already known, or checked here) is read line
     by line; anything else, malformed heads included, takes parse_head_in_full, whose answer
     (a Request or the error of its first fault) is the same for every head."""
-    lines = (head + b"\n").split(b"\r\n")
-    if lines.pop() or len(lines) > MAX_HEADER_LINES + 1:
+    lines = head.split(b"\r\n")
+    if head[-1:] != b"\r" or len(lines) > MAX_HEADER_LINES + 1:
         return parse_head_in_full(head, caller)
-    line = lines.pop(0)
-    first = KNOWN_REQUEST_LINES.get(line)
+    lines[-1] = lines[-1][:-1]
+    first = KNOWN_REQUEST_LINES.get(lines[0])
     if first is None:
-        first = known_request_line(line)
+        first = known_request_line(lines[0])
         if first is None:
             return parse_head_in_full(head, caller)
+    del lines[0]
     headers, known = {}, KNOWN_FIELDS
     for line in lines:
         field = known.get(line)
@@ -4796,14 +4818,17 @@ def parse_head(head, caller=None):
             field = known_field(line)
             if field is None:
                 return parse_head_in_full(head, caller)
-        name, value = field
-        if name not in headers:
-            headers[name] = value
-        elif name == "content-length":
-            if headers[name] != value:
-                return parse_head_in_full(head, caller)
-        else:
-            headers[name] += ", " + value
+        if field is not NOT_READ:
+            name, value = field
+            if name not in headers:
+                headers[name] = value
+            elif name == "content-length":
+                if headers[name] != value:
+                    return parse_head_in_full(head, caller)
+            else:
+                headers[name] += ", " + value
+    if last is not None and headers == last.headers and first == last[:4]:
+        return last
     return tuple.__new__(Request, first + (headers, caller))
 
 
@@ -4829,11 +4854,16 @@ def known_request_line(line):
 
 
 def known_field(line):
-    """(lowercase name, trimmed value) of a valid header line, now known; else None."""
-    if FIELD_LINE.fullmatch(line) is None:
+    """(lowercase name, trimmed value) of a valid header line, or NOT_READ for a field the
+    daemon does not read, now known; else None."""
+    match = FIELD_LINE.fullmatch(line)
+    if match is None:
         return None
-    name, _, value = line.partition(b":")
-    field = (name.decode("ascii").lower(), value.strip(b" \t").decode("latin-1"))
+    if match.lastindex is None:
+        field = NOT_READ
+    else:
+        name, _, value = line.partition(b":")
+        field = (name.decode("ascii").lower(), value.strip(b" \t").decode("latin-1"))
     if len(line) <= MAX_KNOWN_LINE:
         if len(KNOWN_FIELDS) >= MAX_KNOWN:
             KNOWN_FIELDS.clear()
@@ -4859,7 +4889,10 @@ def parse_head_in_full(head, caller=None):
         if fields.count(b"\n") > MAX_HEADER_LINES:
             raise HttpError(431, "Too many header lines (limit %d)." % MAX_HEADER_LINES)
         for name, value in HEADER_FIELD.findall(fields):
-            key, value = name.decode("ascii").lower(), value.strip(b" \t").decode("latin-1")
+            key = name.decode("ascii").lower()
+            if key not in READ_FIELDS:
+                continue
+            value = value.strip(b" \t").decode("latin-1")
             if key not in headers:
                 headers[key] = value
             elif key == "content-length":
@@ -4898,6 +4931,23 @@ def split_target(target):
         target = "/" + target.partition("://")[2].partition("/")[2]
     path, _, query = target.partition("?")
     return path, query
+
+
+# ---- HTTP, framing: requests read off a socket, heads and bodies within limits ----
+
+IDLE_TIMEOUT_S = 60.0
+HEADER_TIMEOUT_S = 10.0
+STREAM_SEND_TIMEOUT_S = 10.0
+MAX_REQUEST_LINE = 8192
+MAX_HEADER_BYTES = 65536
+MAX_BODY = 65536
+MAX_CHUNK_LINE = 1024
+CONTENT_LENGTH = re.compile(r"[0-9]{1,18}")
+CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,8}")
+
+
+class ConnectionClosed(Exception):
+    """The client closed the connection (or sent nothing while idle)."""
 
 
 def end_of_head(buffer):
@@ -4939,9 +4989,10 @@ class RequestReader:
     def next_request(self):
         """The next Request, its body consumed; ConnectionClosed if the client goes or idles.
         A head the same, byte for byte, as the last one on this connection (a keep-alive
-        client asking again) is the same Request, not parsed again. The socket waits with the
-        kernel's receive timeout: the idle one between requests, a request's remaining time
-        while a request comes in pieces."""
+        client asking again) is the same Request, not parsed again (one that differs only in
+        fields the daemon does not read is parsed, then is the same Request too). The socket
+        waits with the kernel's receive timeout: the idle one between requests, a request's
+        remaining time while a request comes in pieces."""
         buffer = self.buffer
         if not buffer:
             try:
@@ -4959,7 +5010,7 @@ class RequestReader:
             head = self.read_head()
         last_head, request = self.last
         if head != last_head:
-            request = parse_head(head, self.caller)
+            request = parse_head(head, self.caller, request)
             self.last = (head, request)
         headers = request.headers
         if "content-length" in headers or "transfer-encoding" in headers:
@@ -5140,18 +5191,11 @@ def described(request):
                                             "?" + shown(request.query) if request.query else ""))
 
 
-class RequestLine(list):
-    """A request's log line, [peer, user, Request, status, seconds, reason], formatted when
-    written (str): past RequestLines' rate most are counted, not written, and cost no
-    formatting. A list, not a tuple, so that `"%s" % line` formats it whole."""
-
-    __slots__ = ()
-
-    def __str__(self):
-        peer, user, request, status, seconds, reason = self
-        return "%s%s %s %d %.2fms%s" % (
-            peer, " user=" + escape_unprintable(user) if user else "", described(request), status,
-            seconds * 1000, ": " + escape_unprintable(reason) if reason else "")
+def request_line(peer, user, request, status, seconds, reason):
+    """A request's log line: who asked, what, the status, how long it took and why."""
+    return "%s%s %s %d %.2fms%s" % (
+        peer, " user=" + escape_unprintable(user) if user else "", described(request), status,
+        seconds * 1000, ": " + escape_unprintable(reason) if reason else "")
 
 
 class HttpConnection(socketserver.BaseRequestHandler):
@@ -5218,16 +5262,15 @@ class HttpConnection(socketserver.BaseRequestHandler):
                     body))
         key = (self.counted_path, status)  # count(), inlined
         self.counts[key] = self.counts.get(key, 0) + 1
-        if self.log_requests:
-            REQUEST_LINES.write(status, RequestLine((
-                self.peer, user, self.request, status, time.monotonic() - started, reason)))
+        if self.log_requests and REQUEST_LINES.admit(status, started):
+            REQUEST_LINES.emit(request_line(self.peer, user, self.request, status,
+                                            time.monotonic() - started, reason))
         return keep_alive
 
     def prepare(self, request):
         """What the answers to a request depend on besides the API's reply, worked out once for
         each new request (a keep-alive client repeating itself gets the same Request): whether
-        the connection stays open and the path it is counted under (its log line is made
-        only when written: RequestLine)."""
+        the connection stays open and the path it is counted under."""
         self.request = request
         tokens = request.headers.get("connection")
         if request.version == b"HTTP/1.1":
