@@ -4984,7 +4984,7 @@ class RequestReader:
         self.caller = caller
         self.buffer = b""
         self.deadline_set = False  # whether the receive timeout is a request's, not the idle one
-        self.last = (None, None)  # the last head and its Request
+        self.last_head = self.last_request = None
 
     def next_request(self):
         """The next Request, its body consumed; ConnectionClosed if the client goes or idles.
@@ -5008,10 +5008,10 @@ class RequestReader:
             head, self.buffer = buffer[:end], buffer[end + 3:]
         else:
             head = self.read_head()
-        last_head, request = self.last
-        if head != last_head:
-            request = parse_head(head, self.caller, request)
-            self.last = (head, request)
+        request = self.last_request
+        if head != self.last_head:
+            request = self.last_request = parse_head(head, self.caller, request)
+            self.last_head = head
         headers = request.headers
         if "content-length" in headers or "transfer-encoding" in headers:
             self.drain_body(headers)
